@@ -1,0 +1,155 @@
+"""Parity of the JAX vision tower, text model and M-RoPE positions with transformers (PyTorch, float32)."""
+
+import numpy as np
+import pytest
+import torch
+from transformers.vision_utils import get_vision_position_ids
+
+import hf_reference
+from unite_jax.convert.hf import load_hf_params
+from unite_jax.data.packing import PackableInput, mrope_positions
+from unite_jax.model.config import ModelConfig
+from unite_jax.model.text import text_model
+from unite_jax.model.vision import vision_tower
+
+TOL = 1e-5
+VARIANTS = sorted(hf_reference.VARIANTS)
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def loaded(request, tmp_path_factory):
+    """(variant, torch model, ModelConfig, params loaded from its saved directory)."""
+    model = hf_reference.hf_model(request.param, seed=1)
+    directory = hf_reference.save_hf_dir(model, str(tmp_path_factory.mktemp(request.param)))
+    cfg = ModelConfig.from_pretrained(directory)
+    return request.param, model, cfg, load_hf_params(directory, cfg)
+
+
+def _pack_vision(grids, patches, pad_to):
+    """One packed row: a segment per (media, temporal slice), -1 padding at the end."""
+    segments, positions, next_id = [], [], 0
+    for t, h, w in grids:
+        segments.append(next_id + np.repeat(np.arange(t), h * w))
+        next_id += t
+    positions = get_vision_position_ids(torch.tensor(grids), 2).numpy()
+    n = patches.shape[0]
+    segment_ids = np.full(pad_to, -1, np.int32)
+    segment_ids[:n] = np.concatenate(segments)
+    row = np.zeros((pad_to, patches.shape[1]), np.float32)
+    row[:n] = patches
+    pos = np.zeros((pad_to, 2), np.int32)
+    pos[:n] = positions
+    return row[None], segment_ids[None], pos[None]
+
+
+def test_vision_tower_packed_row_matches_transformers(loaded):
+    _, model, cfg, params = loaded
+    # three images of different grids and a video of three temporal slices in one packed row
+    grids = [(1, 4, 6), (1, 8, 4), (1, 2, 2), (3, 4, 2)]
+    n = sum(t * h * w for t, h, w in grids)
+    pixel_values = np.random.default_rng(0).standard_normal((n, cfg.vision.patch_dim)).astype(np.float32)
+    with torch.no_grad():
+        expected = model.model.visual(torch.tensor(pixel_values), grid_thw=torch.tensor(grids)).pooler_output.numpy()
+    row, segment_ids, positions = _pack_vision(grids, pixel_values, n + 16)
+    got = np.asarray(vision_tower(params["visual"], row, segment_ids, positions, cfg))[0, : n // 4]
+    np.testing.assert_allclose(got, expected, atol=TOL, rtol=TOL)
+
+
+def test_vision_tower_is_block_diagonal(loaded):
+    """An image's merged tokens do not depend on what else is packed in the row."""
+    _, _, cfg, params = loaded
+    rng = np.random.default_rng(1)
+    alone = rng.standard_normal((16, cfg.vision.patch_dim)).astype(np.float32)
+    other = rng.standard_normal((24, cfg.vision.patch_dim)).astype(np.float32)
+    row_a = _pack_vision([(1, 4, 4)], alone, 16)
+    row_b = _pack_vision([(1, 4, 6), (1, 4, 4)], np.concatenate([other, alone]), 48)
+    out_a = np.asarray(vision_tower(params["visual"], *row_a, cfg))[0, :4]
+    out_b = np.asarray(vision_tower(params["visual"], *row_b, cfg))[0, 6:10]
+    np.testing.assert_allclose(out_a, out_b, atol=TOL, rtol=TOL)
+
+
+def test_text_model_left_padding_sequential_positions(loaded):
+    _, model, cfg, params = loaded
+    rng = np.random.default_rng(2)
+    batch, seq = 3, 14
+    ids = rng.integers(7, cfg.text.vocab_size, (batch, seq))
+    mask = np.ones((batch, seq), np.int64)
+    mask[0, :6] = 0
+    mask[1, :1] = 0
+    with torch.no_grad():
+        embeds = model.model.language_model.embed_tokens(torch.tensor(ids))
+        expected = model.model.language_model(inputs_embeds=embeds, attention_mask=torch.tensor(mask),
+                                              position_ids=None).last_hidden_state.numpy()
+    positions = np.broadcast_to(np.arange(seq)[None, None], (batch, 3, seq))
+    got = np.asarray(text_model(params["model"], embeds.numpy(), mask, positions, cfg))
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], expected[valid], atol=TOL, rtol=TOL)
+
+
+def _image_prompt_ids(cfg, text_before, grid, text_after):
+    pads = grid[0] * grid[1] * grid[2] // 4
+    ids = np.concatenate([text_before, [cfg.vision_start_token_id], np.full(pads, cfg.image_token_id),
+                          [cfg.vision_end_token_id], text_after]).astype(np.int64)
+    return ids, (len(text_before) + 1, pads)
+
+
+def test_mrope_positions_match_get_rope_index_and_language_model(loaded):
+    _, model, cfg, params = loaded
+    rng = np.random.default_rng(3)
+    grids = [(1, 4, 6), (1, 8, 2)]
+    rows, items = [], []
+    for grid, (before, after) in zip(grids, [(3, 5), (7, 2)]):
+        ids, run = _image_prompt_ids(cfg, rng.integers(7, 300, before), grid, rng.integers(7, 300, after))
+        rows.append(ids)
+        n = grid[0] * grid[1] * grid[2]
+        items.append(PackableInput(ids.astype(np.int32), [np.zeros((n, 1), np.float32)], [grid], [run]))
+    seq = max(len(r) for r in rows) + 2
+    input_ids = np.zeros((len(rows), seq), np.int64)
+    mask = np.zeros((len(rows), seq), np.int64)
+    for i, r in enumerate(rows):
+        input_ids[i, seq - len(r):] = r
+        mask[i, seq - len(r):] = 1
+    token_type = (input_ids == cfg.image_token_id).astype(np.int64)
+    with torch.no_grad():
+        expected_pos, _ = model.model.get_rope_index(torch.tensor(input_ids), torch.tensor(token_type),
+                                                     image_grid_thw=torch.tensor(grids),
+                                                     attention_mask=torch.tensor(mask))
+    expected_pos = expected_pos.numpy()  # [3, batch, seq]
+    ours = np.zeros((len(rows), 3, seq), np.int32)
+    for i, item in enumerate(items):
+        ours[i, :, seq - item.num_tokens:] = mrope_positions(item, 2)
+        np.testing.assert_array_equal(ours[i, :, mask[i] == 1], expected_pos[:, i, mask[i] == 1].T)
+    embeds = torch.tensor(np.random.default_rng(4).standard_normal((len(rows), seq, cfg.hidden_size)),
+                          dtype=torch.float32)
+    with torch.no_grad():
+        expected = model.model.language_model(inputs_embeds=embeds, attention_mask=torch.tensor(mask),
+                                              position_ids=torch.tensor(expected_pos)).last_hidden_state.numpy()
+    got = np.asarray(text_model(params["model"], embeds.numpy(), mask, ours, cfg.replace(positions="mrope")))
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], expected[valid], atol=TOL, rtol=TOL)
+
+
+def test_mrope_video_continues_after_block_maximum():
+    """A video with more temporal slices than its merged height/width: text resumes at max position + 1."""
+    grid = (5, 4, 4)  # merged 5 x 2 x 2: temporal reaches start + 4
+    ids = np.arange(2 + 20 + 3, dtype=np.int32)
+    item = PackableInput(ids, [np.zeros((80, 1), np.float32)], [grid], [(2, 20)])
+    pos = mrope_positions(item, 2)
+    np.testing.assert_array_equal(pos[:, :2], [[0, 1]] * 3)
+    np.testing.assert_array_equal(pos[0, 2:22], 2 + np.repeat(np.arange(5), 4))
+    np.testing.assert_array_equal(pos[1, 2:6], 2 + np.array([0, 0, 1, 1]))
+    np.testing.assert_array_equal(pos[2, 2:6], 2 + np.array([0, 1, 0, 1]))
+    np.testing.assert_array_equal(pos[:, 22:], [[7, 8, 9]] * 3)
+
+
+def test_config_reads_flat_and_nested_layouts(loaded):
+    _, model, cfg, _ = loaded
+    nested = model.config.to_dict()
+    flat = {k: v for k, v in nested.items() if k != "text_config"}
+    flat.update({k: v for k, v in nested["text_config"].items() if k not in ("rope_parameters", "model_type")})
+    flat["rope_theta"] = nested["text_config"]["rope_parameters"]["rope_theta"]
+    flat["rope_scaling"] = {"type": "mrope", "mrope_section": nested["text_config"]["rope_parameters"]["mrope_section"]}
+    assert ModelConfig.from_hf_dict(flat) == cfg
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    assert cfg.text.num_kv_heads == hf_reference.VARIANTS[loaded[0]]["kv"]
+    assert cfg.text.tie_word_embeddings == hf_reference.VARIANTS[loaded[0]]["tied"]

@@ -1,0 +1,175 @@
+"""`Embedder`: the public inference API.
+
+    from unite_jax import Embedder
+    embedder = Embedder.from_pretrained("path/to/Unite-Instruct-Qwen2-VL-2B")
+    vectors = embedder.encode([{"text": "a cat"}, {"image": "cat.jpg"},
+                               {"text": "<|IMAGE|> what is this?", "image": "cat.jpg"}])
+
+Each item is a dict with `text` (str), `image` (path, PIL image, HxWx3 uint8
+array, or a list of them) and/or `video` (path, list of paths, or a list of
+HxWx3 uint8 frames); an `id` key is allowed and ignored. `encode` returns
+float32 [N, D] rows, L2-normalised, in input order.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import os
+import sys
+import time
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from unite_jax.data import media
+from unite_jax.data.packing import PATCH_BUCKETS, SEQ_BUCKETS, PackableInput, bucket, pack_batch, \
+    shard_patch_counts
+from unite_jax.data.tokenize import PromptTokenizer
+from unite_jax.model.config import ModelConfig
+from unite_jax.model.embedder import BATCH_KEYS, embed
+
+ITEM_KEYS = ("text", "image", "video", "id")
+
+
+class Embedder:
+    """UNITE embedder: items -> L2-normalised vectors, batched by size over all local devices."""
+
+    def __init__(self, params: dict, cfg: ModelConfig, tokenizer: PromptTokenizer,
+                 processor: media.ProcessorConfig, *, max_text_tokens: int | None = 2048,
+                 devices: Sequence[jax.Device] | None = None, num_workers: int | None = None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.max_text_tokens = max_text_tokens
+        self.num_workers = num_workers or min(8, os.cpu_count() or 1)
+        tokenizer.check_model_ids(cfg.image_token_id, cfg.video_token_id)
+        devices = list(devices or jax.local_devices())
+        self.mesh = Mesh(np.asarray(devices), ("data",))
+        self._data_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.params = jax.device_put(params, replicated)
+        self._forward = jax.jit(lambda p, b: embed(p, b, cfg), in_shardings=(replicated, self._data_sharding),
+                                out_shardings=self._data_sharding)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, model_dir: str, *, dtype: str | None = None, positions: str = "sequential",
+                        attention_impl: str | None = None, max_text_tokens: int | None = 2048,
+                        **processor_overrides: Any) -> "Embedder":
+        """Loads a Hugging Face Qwen2-VL / UNITE directory (config.json, *.safetensors, tokenizer.json,
+        preprocessor_config.json).
+
+        dtype: parameter and compute dtype; default float32 on CPU (bit-faithful to the
+        reference) and bfloat16 on GPU/TPU. positions: "sequential" (UNITE) or "mrope".
+        """
+        from unite_jax.convert.hf import load_hf_params
+
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
+        platform = jax.default_backend()
+        dtype = dtype or ("float32" if platform == "cpu" else "bfloat16")
+        attention_impl = attention_impl or ("cudnn" if platform == "gpu" and dtype != "float32" else "xla")
+        cfg = ModelConfig.from_pretrained(model_dir, positions=positions, compute_dtype=dtype, param_dtype=dtype,
+                                          attention_impl=attention_impl)
+        tokenizer = PromptTokenizer.from_pretrained(model_dir)
+        processor = media.ProcessorConfig.from_pretrained(model_dir, **processor_overrides)
+        params = load_hf_params(model_dir, cfg, dtype=dtype)
+        return cls(params, cfg, tokenizer, processor, max_text_tokens=max_text_tokens)
+
+    # ------------------------------------------------------------------ host side
+    def prepare(self, item: dict, index: int = 0) -> PackableInput:
+        """Validates one item, pre-processes its media and tokenises its prompt."""
+        if not isinstance(item, dict):
+            raise TypeError(f"item {index}: expected a dict with 'text', 'image' and/or 'video', "
+                            f"got {type(item).__name__}")
+        unknown = sorted(set(item) - set(ITEM_KEYS))
+        if unknown:
+            raise ValueError(f"item {index}: unknown key(s) {unknown}; allowed: {list(ITEM_KEYS)}")
+        text = item.get("text")
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"item {index}: 'text' must be a string, got {type(text).__name__}")
+        try:
+            visions = [("image", *media.preprocess_image(media.load_image(src), self.processor))
+                       for src in _as_list(item.get("image"), kind="image")]
+            visions += [("video", *media.preprocess_video(media.load_video(src, self.processor), self.processor))
+                        for src in _as_list(item.get("video"), kind="video")]
+        except (media.MediaError, ValueError, TypeError, OSError) as e:
+            raise type(e)(f"item {index}: {e}") from e
+        if not visions and not (text and text.strip()):
+            raise ValueError(f"item {index}: empty input (no text, image or video)")
+        merge_unit = self.processor.merge_size**2
+        kinds = [kind for kind, _, _ in visions]
+        counts = [patches.shape[0] // merge_unit for _, patches, _ in visions]
+        try:
+            prompt = self.tokenizer.encode(text, counts, kinds, max_text_tokens=self.max_text_tokens)
+        except ValueError as e:
+            raise ValueError(f"item {index}: {e}") from e
+        return PackableInput(prompt.input_ids, [p for _, p, _ in visions],
+                             [tuple(int(g) for g in np.ravel(grid)) for _, _, grid in visions], prompt.vision_runs)
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, items: Sequence[dict], batch_size: int = 16, show_progress: bool = False) -> np.ndarray:
+        """float32 [len(items), hidden] L2-normalised embeddings, in input order."""
+        items = list(items)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        num_shards = len(self.mesh.devices.ravel())
+        rows_per_shard = math.ceil(batch_size / num_shards)
+        rows = rows_per_shard * num_shards
+        out = np.zeros((len(items), self.cfg.hidden_size), np.float32)
+        chunk = max(rows * 8, 64)  # inputs pre-processed at a time: bounds host memory on large inputs
+        start_time, done = time.time(), 0
+        with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
+            for chunk_start in range(0, len(items), chunk):
+                indices = range(chunk_start, min(chunk_start + chunk, len(items)))
+                prepared = list(pool.map(lambda i: self.prepare(items[i], i), indices))
+                # similar sizes share a batch, so padding (and new shapes) stay small
+                order = sorted(range(len(prepared)), key=lambda k: (prepared[k].num_patches, prepared[k].num_tokens))
+                pending = []
+                for batch_start in range(0, len(order), rows):
+                    members = order[batch_start:batch_start + rows]
+                    vectors = self._encode_batch([prepared[k] for k in members], num_shards, rows_per_shard)
+                    pending.append(([indices[k] for k in members], vectors))
+                for targets, vectors in pending:
+                    out[targets] = np.asarray(vectors)[:len(targets)]
+                done += len(indices)
+                if show_progress:
+                    _progress(done, len(items), start_time)
+        return out
+
+    def _encode_batch(self, batch_items: list[PackableInput], num_shards: int, rows_per_shard: int) -> jax.Array:
+        seq_len = bucket(max(it.num_tokens for it in batch_items), SEQ_BUCKETS)
+        patch_budget = bucket(max(int(shard_patch_counts(batch_items, num_shards, rows_per_shard).max()), 1),
+                              PATCH_BUCKETS)
+        batch = pack_batch(batch_items, num_shards=num_shards, rows_per_shard=rows_per_shard, seq_len=seq_len,
+                           patch_budget=patch_budget, pad_id=self.tokenizer.pad_id,
+                           patch_dim=self.cfg.vision.patch_dim, merge_size=self.cfg.vision.spatial_merge_size,
+                           position_mode=self.cfg.positions)
+        batch = {key: jax.device_put(batch[key], self._data_sharding) for key in BATCH_KEYS}
+        return self._forward(self.params, batch)
+
+
+def _as_list(source: Any, kind: str) -> list:
+    """Normalises an item's image/video field to a list of media sources."""
+    if source is None:
+        return []
+    if kind == "video":
+        # a list of paths is several videos; a list of frames (arrays / PIL images) is one video
+        if isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, os.PathLike)) for s in source):
+            return list(source)
+        return [source]
+    if isinstance(source, (list, tuple)):
+        return list(source)
+    return [source]
+
+
+def _progress(done: int, total: int, start_time: float) -> None:
+    elapsed = time.time() - start_time
+    rate = done / max(elapsed, 1e-9)
+    eta = (total - done) / max(rate, 1e-9)
+    print(f"\rencoded {done}/{total} items  {rate:.1f} items/s  ETA {eta:.0f}s", end="" if done < total else "\n",
+          file=sys.stderr, flush=True)

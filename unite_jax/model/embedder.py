@@ -1,0 +1,52 @@
+"""UNITE embedding forward: tokens + packed patches -> L2-normalised vectors.
+
+The batch is laid out per data shard (DESIGN.md, "Static shapes and packing"):
+text rows [batch, seq] with batch = shards * rows_per_shard, and one packed row
+of patches per shard. `merged_dest` sends each merged visual token to its pad
+slot in the shard's flattened text rows; padding tokens point at one extra
+"dump" slot that is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from unite_jax.model.config import ModelConfig
+from unite_jax.model.text import text_model
+from unite_jax.model.vision import vision_tower
+
+BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "patches", "patch_segment_ids", "patch_positions",
+              "merged_dest")
+
+
+def input_embeddings(params: dict, batch: dict, cfg: ModelConfig) -> jnp.ndarray:
+    """Token embeddings with the vision tower's merged tokens scattered into the pad slots.
+
+    batch["input_ids"]: [batch, seq]; batch["patches"]: [shards, patches, patch_dim];
+    batch["merged_dest"]: [shards, patches / 4] int32 index into the shard's rows_per_shard * seq slots.
+    Returns [batch, seq, hidden] in the compute dtype.
+    """
+    dtype = jnp.dtype(cfg.compute_dtype)
+    input_ids = batch["input_ids"]
+    num_rows, seq = input_ids.shape
+    shards = batch["patches"].shape[0]
+    embeds = jnp.take(params["model"]["embed_tokens"]["embedding"], input_ids, axis=0).astype(dtype)
+    visual = vision_tower(params["visual"], batch["patches"], batch["patch_segment_ids"],
+                          batch["patch_positions"], cfg).astype(dtype)  # [shards, merged, hidden]
+    hidden = embeds.shape[-1]
+    slots = embeds.reshape(shards, (num_rows // shards) * seq, hidden)
+    slots = jnp.concatenate([slots, jnp.zeros((shards, 1, hidden), dtype)], axis=1)  # + dump slot
+    slots = jax.vmap(lambda s, dest, vis: s.at[dest].set(vis))(slots, batch["merged_dest"], visual)
+    return slots[:, :-1].reshape(num_rows, seq, hidden)
+
+
+def embed(params: dict, batch: dict, cfg: ModelConfig) -> jnp.ndarray:
+    """[batch, hidden] float32 L2-normalised UNITE embeddings (last position, after the final norm).
+
+    Rows are left-padded and end with <|endoftext|>, so the pooled token is always the last column.
+    """
+    embeds = input_embeddings(params, batch, cfg)
+    hidden = text_model(params["model"], embeds, batch["attention_mask"], batch["position_ids"], cfg)
+    last = hidden[:, -1].astype(jnp.float32)
+    return last / jnp.maximum(jnp.linalg.norm(last, axis=-1, keepdims=True), 1e-12)
