@@ -21,7 +21,6 @@ import time
 from typing import Any, Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -77,6 +76,7 @@ class Embedder:
                                           attention_impl=attention_impl)
         tokenizer = PromptTokenizer.from_pretrained(model_dir)
         processor = media.ProcessorConfig.from_pretrained(model_dir, **processor_overrides)
+        cfg = cfg.with_vision_window(processor.max_pixels)
         params = load_hf_params(model_dir, cfg, dtype=dtype)
         return cls(params, cfg, tokenizer, processor, max_text_tokens=max_text_tokens)
 
@@ -148,7 +148,8 @@ class Embedder:
         batch = pack_batch(batch_items, num_shards=num_shards, rows_per_shard=rows_per_shard, seq_len=seq_len,
                            patch_budget=patch_budget, pad_id=self.tokenizer.pad_id,
                            patch_dim=self.cfg.vision.patch_dim, merge_size=self.cfg.vision.spatial_merge_size,
-                           position_mode=self.cfg.positions)
+                           position_mode=self.cfg.positions,
+                           max_segment_patches=self.cfg.vision_attention_window)
         batch = {key: jax.device_put(batch[key], self._data_sharding) for key in BATCH_KEYS}
         return self._forward(self.params, batch)
 

@@ -83,11 +83,12 @@ def mrope_positions(item: PackableInput, merge_size: int) -> np.ndarray:
 
 def pack_batch(items: list[PackableInput], *, num_shards: int, rows_per_shard: int, seq_len: int,
                patch_budget: int, pad_id: int, patch_dim: int, merge_size: int = 2,
-               position_mode: str = "sequential") -> dict[str, np.ndarray]:
+               position_mode: str = "sequential", max_segment_patches: int = 0) -> dict[str, np.ndarray]:
     """Packs up to num_shards * rows_per_shard inputs (item i goes to shard i // rows_per_shard).
 
-    Raises ValueError when an input is longer than seq_len or a shard's patches exceed patch_budget;
-    callers pick the buckets with `bucket` first.
+    Raises ValueError when an input is longer than seq_len or a shard's patches exceed patch_budget
+    (callers pick the buckets with `bucket` first), or when a temporal slice holds more than
+    `max_segment_patches` patches (the vision attention window; 0 = unbounded).
     """
     rows = num_shards * rows_per_shard
     if len(items) > rows:
@@ -126,6 +127,9 @@ def pack_batch(items: list[PackableInput], *, num_shards: int, rows_per_shard: i
             count = media_patches.shape[0]
             if count != t * h * w or count != length * merge_unit:
                 raise ValueError(f"input {row}: media of grid {grid} has {count} patches for {length} pad tokens")
+            if max_segment_patches and h * w > max_segment_patches:
+                raise ValueError(f"input {row}: a {h}x{w}-patch frame exceeds the vision attention window of "
+                                 f"{max_segment_patches} patches (raise the window or lower max_pixels)")
             lo = int(fill[shard])
             if lo + count > patch_budget:
                 raise ValueError(f"shard {shard} needs more than the patch budget {patch_budget}")

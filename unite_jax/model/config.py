@@ -92,6 +92,10 @@ class ModelConfig:
     attention_impl: str = "xla"
     remat: str = "none"
     scan_layers: bool = True
+    # Longest (media, temporal slice) segment in patches; > 0 lets the vision tower attend within a
+    # local window of each query block instead of over the whole packed row (same result, far less
+    # work on long rows). 0 = dense block-diagonal attention. See `with_vision_window`.
+    vision_attention_window: int = 0
 
     def __post_init__(self):
         if self.positions not in POSITION_MODES:
@@ -109,6 +113,10 @@ class ModelConfig:
                 f"vision merger output ({self.vision.out_hidden_size}) must equal the LLM hidden size "
                 f"({self.text.hidden_size})"
             )
+
+    def with_vision_window(self, max_pixels: int) -> "ModelConfig":
+        """Sets the vision attention window from the pre-processor's per-frame pixel budget."""
+        return self.replace(vision_attention_window=max_pixels // (self.vision.patch_size**2))
 
     @property
     def hidden_size(self) -> int:
@@ -165,7 +173,8 @@ class ModelConfig:
             "embed_dim": v.embed_dim,
             "hidden_size": v.out_hidden_size,
             "hidden_act": v.hidden_act,
-            "mlp_ratio": v.mlp_ratio,
+            # transformers 5.x validates mlp_ratio as an int (Qwen2-VL's is 4)
+            "mlp_ratio": int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
             "num_heads": v.num_heads,
             "in_channels": v.in_channels,
             "patch_size": v.patch_size,

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from unite_jax.model.attention import dot_product_attention, segment_mask
+from unite_jax.model.attention import local_segment_attention
 from unite_jax.model.config import ModelConfig
 from unite_jax.model.layers import activation, layer_norm, linear, scan_layers
 from unite_jax.model.rope import apply_rope, vision_rope
 
 
-def vision_block(x: jnp.ndarray, p: dict, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray,
+def vision_block(x: jnp.ndarray, p: dict, cos: jnp.ndarray, sin: jnp.ndarray, segment_ids: jnp.ndarray,
                  cfg: ModelConfig) -> jnp.ndarray:
     """One pre-norm ViT block. x: [rows, patches, embed_dim]."""
     v = cfg.vision
@@ -26,11 +26,17 @@ def vision_block(x: jnp.ndarray, p: dict, cos: jnp.ndarray, sin: jnp.ndarray, ma
     qkv = linear(h, p["attn"]["qkv"], dtype).reshape(rows, n, 3, v.num_heads, v.head_dim)
     q, k, val = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    attn = dot_product_attention(q, k, val, mask, impl=cfg.attention_impl).reshape(rows, n, v.embed_dim)
+    attn = local_segment_attention(q, k, val, segment_ids, window=_window(cfg, n), impl=cfg.attention_impl)
+    attn = attn.reshape(rows, n, v.embed_dim)
     x = x + linear(attn, p["attn"]["proj"], dtype)
     h = layer_norm(x, p["norm2"], v.layer_norm_eps)
     h = activation(v.hidden_act)(linear(h, p["mlp"]["fc1"], dtype))
     return x + linear(h, p["mlp"]["fc2"], dtype)
+
+
+def _window(cfg: ModelConfig, num_patches: int) -> int:
+    """Longest segment the attention must cover: the config's bound, or the whole row when unset."""
+    return cfg.vision_attention_window or num_patches
 
 
 def patch_merger(x: jnp.ndarray, p: dict, cfg: ModelConfig) -> jnp.ndarray:
@@ -62,10 +68,9 @@ def vision_tower(params: dict, patches: jnp.ndarray, segment_ids: jnp.ndarray, p
     # Conv3d with kernel == stride over a flattened patch is a single matmul.
     x = jnp.matmul(patches.astype(dtype), params["patch_embed"]["proj"]["kernel"].astype(dtype))
     cos, sin = vision_rope(patch_positions, v.head_dim, v.rope_theta)
-    mask = segment_mask(segment_ids)
 
     def body(carry, layer_params):
-        return vision_block(carry, layer_params, cos, sin, mask, cfg)
+        return vision_block(carry, layer_params, cos, sin, segment_ids, cfg)
 
     x = scan_layers(body, x, params["blocks"], remat=cfg.remat, use_scan=cfg.scan_layers)
     return patch_merger(x, params["merger"], cfg)
