@@ -1,4 +1,4 @@
-"""Attention kernels: the windowed block-diagonal form equals dense masked attention; the
+"""Attention kernels: the tiled block-diagonal form equals dense masked attention; the
 jax.nn.dot_product_attention path (used with cuDNN on GPU) agrees with the XLA reference."""
 
 import jax
@@ -6,46 +6,52 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unite_jax.model.attention import causal_padding_mask, dot_product_attention, local_segment_attention, \
+from unite_jax.model.attention import blocked_segment_attention, causal_padding_mask, dot_product_attention, \
     segment_mask
 
 
-def _packed_segments(rng, n, max_len):
+def _tiled_segments(rng, n, block):
+    """Segments packed tile by tile (none straddles a tile), with padding (-1) at each tile's end."""
     ids, current = [], 0
-    while len(ids) < n:
-        length = int(rng.integers(1, max_len + 1))
-        ids += [current] * length
-        current += 1
-    ids = np.asarray(ids[:n], np.int32)
-    ids[-int(rng.integers(1, 9)):] = -1  # trailing padding, as the packer leaves it
-    return ids
+    for _ in range(n // block):
+        used = 0
+        while True:
+            length = int(rng.integers(1, block // 2 + 1))
+            if used + length > block:
+                break
+            ids += [current] * length
+            used += length
+            current += 1
+        ids += [-1] * (block - used)
+    return np.asarray(ids, np.int32)
 
 
-@pytest.mark.parametrize("n,block,window", [(200, 16, 24), (97, 8, 12), (40, 16, 24)])
-def test_local_segment_attention_equals_dense(n, block, window):
+@pytest.mark.parametrize("n,block", [(192, 16), (96, 32), (40, 40)])
+def test_blocked_segment_attention_equals_dense(n, block):
     rng = np.random.default_rng(n)
     q, k, v = (rng.standard_normal((2, n, 3, 8)).astype(np.float32) for _ in range(3))
-    segments = np.stack([_packed_segments(rng, n, window), _packed_segments(rng, n, window)])
+    segments = np.stack([_tiled_segments(rng, n, block), _tiled_segments(rng, n, block)])
     dense = dot_product_attention(q, k, v, segment_mask(segments))
-    local = local_segment_attention(q, k, v, segments, window=window, block=block)
+    tiled = blocked_segment_attention(q, k, v, segments, block=block)
     real = segments >= 0  # padding outputs are discarded, only real patches must agree
-    np.testing.assert_allclose(np.asarray(local)[real], np.asarray(dense)[real], atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(tiled)[real], np.asarray(dense)[real], atol=1e-6, rtol=1e-6)
     # and the gradients agree too (training runs backward through it)
     loss_dense = lambda q: jnp.sum(dot_product_attention(q, k, v, segment_mask(segments)) * real[..., None, None])
-    loss_local = lambda q: jnp.sum(local_segment_attention(q, k, v, segments, window=window, block=block)
-                                   * real[..., None, None])
-    np.testing.assert_allclose(jax.grad(loss_local)(q), jax.grad(loss_dense)(q), atol=1e-5, rtol=1e-5)
+    loss_tiled = lambda q: jnp.sum(blocked_segment_attention(q, k, v, segments, block=block) * real[..., None, None])
+    np.testing.assert_allclose(jax.grad(loss_tiled)(q), jax.grad(loss_dense)(q), atol=1e-5, rtol=1e-5)
 
 
-def test_local_segment_attention_needs_the_window():
-    """A segment longer than the window loses keys: the result must then differ (the bound matters)."""
+def test_blocked_segment_attention_cuts_segments_that_straddle_tiles():
+    """The tiling is only exact for the packer's layout: a segment across a tile border loses keys."""
     rng = np.random.default_rng(0)
-    n = 120
+    n = 64
     q, k, v = (rng.standard_normal((1, n, 2, 8)).astype(np.float32) for _ in range(3))
-    segments = np.zeros((1, n), np.int32)  # one segment of 120 > window
+    segments = np.zeros((1, n), np.int32)
     dense = dot_product_attention(q, k, v, segment_mask(segments))
-    local = local_segment_attention(q, k, v, segments, window=20, block=8)
-    assert np.abs(np.asarray(local) - np.asarray(dense)).max() > 1e-3
+    tiled = blocked_segment_attention(q, k, v, segments, block=16)
+    assert np.abs(np.asarray(tiled) - np.asarray(dense)).max() > 1e-3
+    with pytest.raises(ValueError, match="whole number of 24-patch blocks"):
+        blocked_segment_attention(q, k, v, segments, block=24)
 
 
 def test_gqa_and_causal_padding_match_jax_dot_product_attention():

@@ -146,3 +146,23 @@ def test_from_pretrained_rejects_incomplete_directories(tmp_path):
     (tmp_path / "m" / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         Embedder.from_pretrained(model_dir)
+
+
+def test_video_file_encodes_like_its_sampled_frames(tmp_path):
+    """A video path goes through PyAV sampling (1 fps, even count) and then the frame path."""
+    import av
+
+    model_dir = hf_reference.save_hf_dir(hf_reference.hf_model("gqa2_tied"), str(tmp_path / "m"))
+    path = str(tmp_path / "clip.mp4")
+    frames = _video_frames(3, n=30, size=(64, 96))
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    embedder = Embedder.from_pretrained(model_dir)
+    sampled = media.load_video(path, embedder.processor)
+    assert len(sampled) == 6  # 6 s at 1 fps, within [4, 12], even
+    got = embedder.encode([{"video": path, "text": "a clip"}, {"video": sampled, "text": "a clip"}])
+    np.testing.assert_allclose(got[0], got[1], atol=1e-6)

@@ -576,3 +576,17 @@ def test_config_validation():
     assert cfg.image_mean == (0.1, 0.2, 0.3) and hash(cfg) == hash(ProcessorConfig(image_mean=(0.1, 0.2, 0.3)))
     assert cfg.patch_dim == 1176 and cfg.resize_factor == 28
     assert math.isclose(cfg.rescale_factor, 1 / 255)
+
+
+def test_processor_config_save_pretrained_round_trips_and_loads_in_transformers(tmp_path):
+    from transformers import Qwen2VLImageProcessorPil
+
+    cfg = media.ProcessorConfig(min_pixels=12 * 28 * 28, max_pixels=99 * 28 * 28, image_mean=(0.5, 0.4, 0.3))
+    cfg.save_pretrained(tmp_path)
+    loaded = media.ProcessorConfig.from_pretrained(tmp_path)
+    for field in ("min_pixels", "max_pixels", "image_mean", "image_std", "patch_size", "merge_size"):
+        assert getattr(loaded, field) == getattr(cfg, field), field
+    theirs = Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path))
+    image = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    expected = theirs(images=[image], return_tensors="np")["pixel_values"]
+    np.testing.assert_array_equal(media.preprocess_image(image, loaded)[0], expected)

@@ -1,5 +1,7 @@
 """Parity of the JAX vision tower, text model and M-RoPE positions with transformers (PyTorch, float32)."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -153,3 +155,72 @@ def test_config_reads_flat_and_nested_layouts(loaded):
     assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
     assert cfg.text.num_kv_heads == hf_reference.VARIANTS[loaded[0]]["kv"]
     assert cfg.text.tie_word_embeddings == hf_reference.VARIANTS[loaded[0]]["tied"]
+
+
+@pytest.mark.parametrize("name,hf_text,hf_vision,tied", [
+    ("2b", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6), dict(hidden_size=1536), True),
+    ("7b", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6), dict(hidden_size=3584), False),
+])
+def test_presets_have_the_published_parameter_count(name, hf_text, hf_vision, tied):
+    """Our tree for the 2B/7B presets holds exactly the tensors transformers builds for Qwen2-VL."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from unite_jax.model.config import preset
+    from unite_jax.model.params import param_shapes
+
+    config = Qwen2VLConfig(text_config=dict(hf_text, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                                      "mrope_section": [16, 24, 24]}),
+                           vision_config=hf_vision, tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(config)
+    expected = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+    shapes = jax.tree.leaves(param_shapes(preset(name)), is_leaf=lambda x: isinstance(x, tuple))
+    assert sum(int(np.prod(s)) for s in shapes) == expected
+    assert ModelConfig.from_hf_dict(config.to_dict()).replace() == preset(name)
+
+
+def test_remat_and_unrolled_layers_compute_the_same(loaded):
+    _, _, cfg, params = loaded
+    rng = np.random.default_rng(5)
+    embeds = rng.standard_normal((2, 9, cfg.hidden_size)).astype(np.float32)
+    mask = np.ones((2, 9), np.int32)
+    positions = np.broadcast_to(np.arange(9)[None, None], (2, 3, 9))
+    base = np.asarray(text_model(params["model"], embeds, mask, positions, cfg))
+    for variant in (cfg.replace(remat="full"), cfg.replace(remat="dots"), cfg.replace(scan_layers=False)):
+        # same math; XLA may fuse the unrolled and scanned forms differently (float32 rounding only)
+        np.testing.assert_allclose(np.asarray(text_model(params["model"], embeds, mask, positions, variant)), base,
+                                   atol=1e-5, rtol=1e-5)
+    grad = lambda c: jax.grad(lambda p: jnp.sum(text_model(p, embeds, mask, positions, c)[:, -1]))(params["model"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), grad(cfg),
+                 grad(cfg.replace(remat="full")))
+
+
+def test_bfloat16_compute_stays_close_to_float32(loaded):
+    """bf16 matmuls (norms, softmax and rotary in float32) keep the embedding direction: cosine > 0.99."""
+    from unite_jax.model.embedder import embed
+
+    _, _, cfg, params = loaded
+    rng = np.random.default_rng(6)
+    seq, n_patch = 12, 16
+    batch = {
+        "input_ids": rng.integers(7, 300, (2, seq)).astype(np.int32),
+        "attention_mask": np.ones((2, seq), np.int32),
+        "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int32), (2, 3, seq)).copy(),
+        "patches": rng.standard_normal((1, n_patch, cfg.vision.patch_dim)).astype(np.float32),
+        "patch_segment_ids": np.zeros((1, n_patch), np.int32),
+        "patch_positions": vision_positions(1, 4, 4),
+        "merged_dest": np.array([[3, 4, 5, 6]], np.int32),
+    }
+    f32 = np.asarray(embed(params, batch, cfg))
+    bf16_params = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
+    bf16 = np.asarray(embed(bf16_params, batch, cfg.replace(compute_dtype="bfloat16", param_dtype="bfloat16")))
+    assert bf16.dtype == np.float32
+    cosine = np.sum(f32 * bf16, axis=-1)
+    assert (cosine > 0.99).all(), cosine
+    assert np.abs(f32 - bf16).max() > 0  # it really ran in a lower precision
+
+
+def vision_positions(t, h, w):
+    return get_vision_position_ids(torch.tensor([[t, h, w]]), 2).numpy()[None].astype(np.int32)

@@ -25,8 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unite_jax.data import media
-from unite_jax.data.packing import PATCH_BUCKETS, SEQ_BUCKETS, PackableInput, bucket, pack_batch, \
-    shard_patch_counts
+from unite_jax.data.packing import PackableInput, choose_shapes, pack_batch
 from unite_jax.data.tokenize import PromptTokenizer
 from unite_jax.model.config import ModelConfig
 from unite_jax.model.embedder import BATCH_KEYS, embed
@@ -51,7 +50,8 @@ class Embedder:
         self._data_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.params = jax.device_put(params, replicated)
-        self._forward = jax.jit(lambda p, b: embed(p, b, cfg), in_shardings=(replicated, self._data_sharding),
+        # cfg is static: each vision block size the packer picks compiles once
+        self._forward = jax.jit(embed, static_argnames="cfg", in_shardings=(replicated, self._data_sharding),
                                 out_shardings=self._data_sharding)
 
     # ------------------------------------------------------------------ loading
@@ -76,40 +76,13 @@ class Embedder:
                                           attention_impl=attention_impl)
         tokenizer = PromptTokenizer.from_pretrained(model_dir)
         processor = media.ProcessorConfig.from_pretrained(model_dir, **processor_overrides)
-        cfg = cfg.with_vision_window(processor.max_pixels)
         params = load_hf_params(model_dir, cfg, dtype=dtype)
         return cls(params, cfg, tokenizer, processor, max_text_tokens=max_text_tokens)
 
     # ------------------------------------------------------------------ host side
     def prepare(self, item: dict, index: int = 0) -> PackableInput:
-        """Validates one item, pre-processes its media and tokenises its prompt."""
-        if not isinstance(item, dict):
-            raise TypeError(f"item {index}: expected a dict with 'text', 'image' and/or 'video', "
-                            f"got {type(item).__name__}")
-        unknown = sorted(set(item) - set(ITEM_KEYS))
-        if unknown:
-            raise ValueError(f"item {index}: unknown key(s) {unknown}; allowed: {list(ITEM_KEYS)}")
-        text = item.get("text")
-        if text is not None and not isinstance(text, str):
-            raise TypeError(f"item {index}: 'text' must be a string, got {type(text).__name__}")
-        try:
-            visions = [("image", *media.preprocess_image(media.load_image(src), self.processor))
-                       for src in _as_list(item.get("image"), kind="image")]
-            visions += [("video", *media.preprocess_video(media.load_video(src, self.processor), self.processor))
-                        for src in _as_list(item.get("video"), kind="video")]
-        except (media.MediaError, ValueError, TypeError, OSError) as e:
-            raise type(e)(f"item {index}: {e}") from e
-        if not visions and not (text and text.strip()):
-            raise ValueError(f"item {index}: empty input (no text, image or video)")
-        merge_unit = self.processor.merge_size**2
-        kinds = [kind for kind, _, _ in visions]
-        counts = [patches.shape[0] // merge_unit for _, patches, _ in visions]
-        try:
-            prompt = self.tokenizer.encode(text, counts, kinds, max_text_tokens=self.max_text_tokens)
-        except ValueError as e:
-            raise ValueError(f"item {index}: {e}") from e
-        return PackableInput(prompt.input_ids, [p for _, p, _ in visions],
-                             [tuple(int(g) for g in np.ravel(grid)) for _, _, grid in visions], prompt.vision_runs)
+        """Validates one item, pre-processes its media and tokenises its prompt (host side)."""
+        return prepare_item(item, index, self.tokenizer, self.processor, self.max_text_tokens)
 
     # ------------------------------------------------------------------ encoding
     def encode(self, items: Sequence[dict], batch_size: int = 16, show_progress: bool = False) -> np.ndarray:
@@ -142,16 +115,44 @@ class Embedder:
         return out
 
     def _encode_batch(self, batch_items: list[PackableInput], num_shards: int, rows_per_shard: int) -> jax.Array:
-        seq_len = bucket(max(it.num_tokens for it in batch_items), SEQ_BUCKETS)
-        patch_budget = bucket(max(int(shard_patch_counts(batch_items, num_shards, rows_per_shard).max()), 1),
-                              PATCH_BUCKETS)
+        seq_len, patch_budget, vision_block = choose_shapes(batch_items, num_shards, rows_per_shard)
         batch = pack_batch(batch_items, num_shards=num_shards, rows_per_shard=rows_per_shard, seq_len=seq_len,
                            patch_budget=patch_budget, pad_id=self.tokenizer.pad_id,
                            patch_dim=self.cfg.vision.patch_dim, merge_size=self.cfg.vision.spatial_merge_size,
-                           position_mode=self.cfg.positions,
-                           max_segment_patches=self.cfg.vision_attention_window)
+                           position_mode=self.cfg.positions, vision_block=vision_block)
         batch = {key: jax.device_put(batch[key], self._data_sharding) for key in BATCH_KEYS}
-        return self._forward(self.params, batch)
+        return self._forward(self.params, batch, self.cfg.replace(vision_block=vision_block))
+
+def prepare_item(item: dict, index: int, tokenizer: PromptTokenizer, processor: media.ProcessorConfig,
+                 max_text_tokens: int | None = 2048) -> PackableInput:
+    """One input item -> its tokenised prompt and pre-processed media; errors name the item index."""
+    if not isinstance(item, dict):
+        raise TypeError(f"item {index}: expected a dict with 'text', 'image' and/or 'video', "
+                        f"got {type(item).__name__}")
+    unknown = sorted(set(item) - set(ITEM_KEYS))
+    if unknown:
+        raise ValueError(f"item {index}: unknown key(s) {unknown}; allowed: {list(ITEM_KEYS)}")
+    text = item.get("text")
+    if text is not None and not isinstance(text, str):
+        raise TypeError(f"item {index}: 'text' must be a string, got {type(text).__name__}")
+    try:
+        visions = [("image", *media.preprocess_image(src, processor))
+                   for src in _as_list(item.get("image"), kind="image")]
+        visions += [("video", *media.preprocess_video(src, processor))
+                    for src in _as_list(item.get("video"), kind="video")]
+    except (ValueError, TypeError, OSError) as e:  # MediaError is a ValueError
+        raise type(e)(f"item {index}: {e}") from e
+    if not visions and not (text and text.strip()):
+        raise ValueError(f"item {index}: empty input (no text, image or video)")
+    merge_unit = processor.merge_size**2
+    kinds = [kind for kind, _, _ in visions]
+    counts = [patches.shape[0] // merge_unit for _, patches, _ in visions]
+    try:
+        prompt = tokenizer.encode(text, counts, kinds, max_text_tokens=max_text_tokens)
+    except ValueError as e:
+        raise ValueError(f"item {index}: {e}") from e
+    return PackableInput(prompt.input_ids, [p for _, p, _ in visions],
+                         [tuple(int(g) for g in np.ravel(grid)) for _, _, grid in visions], prompt.vision_runs)
 
 
 def _as_list(source: Any, kind: str) -> list:

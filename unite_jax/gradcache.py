@@ -21,7 +21,9 @@ Sub-batch layout. By default ("strided") sub-batch k holds rows k, k + n,
 k + 2n, ... of the batch (n = num_chunks). When the batch axis is sharded
 over a mesh's data axes in contiguous blocks, every sub-batch then takes the
 same number of rows from every device, so each scan step keeps all devices
-busy and needs no resharding. With `batch_layout="stacked"` the batch leaves
+busy and needs no resharding; each sub-batch is sliced out of a free
+[batch / n, n, ...] reshape inside the loop, so the batch is never copied
+whole. With `batch_layout="stacked"` the batch leaves
 already carry a leading [num_chunks] axis (for inputs such as packed patches
 that cannot be split by rows); embeddings are then concatenated chunk-major
 ([num_chunks * rows, dim]) and the loss must index its per-row inputs the same way.
@@ -38,7 +40,7 @@ per-sub-batch activation memory.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -61,37 +63,64 @@ def chunk_rngs(rng, num_chunks: int):
 
 
 def _batch_size(batch, name: str) -> int:
-    sizes = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(batch)}
-    if not sizes or None in sizes or len(sizes) != 1:
-        raise ValueError(f"{name} must be a pytree of arrays with one shared leading batch axis, got leading "
-                         f"sizes {sorted(s for s in sizes if s is not None)} and {'a scalar leaf' if None in sizes else 'no scalar'}")
-    return sizes.pop()
+    """The shared leading size of every leaf of `batch`; raises when there is none."""
+    leaves = jax.tree.leaves(batch)
+    if not leaves or any(jnp.ndim(x) == 0 for x in leaves):
+        raise ValueError(f"{name} must be a non-empty pytree of arrays with a leading batch axis (no scalars)")
+    sizes = sorted({x.shape[0] for x in leaves})
+    if len(sizes) != 1:
+        raise ValueError(f"{name}: the leaves disagree on the leading batch size: {sizes}")
+    return sizes[0]
 
 
-def split_batch(batch, num_chunks: int, batch_layout: str = "strided", name: str = "batch"):
-    """Pytree with leaves [batch, ...] -> leaves [num_chunks, batch / num_chunks, ...].
-
-    strided: sub-batch k = rows k::num_chunks; stacked: the leaves already have the chunk axis.
-    """
+def _check_layout(batch, num_chunks: int, batch_layout: str, name: str) -> None:
     size = _batch_size(batch, name)
     if batch_layout == "stacked":
         if size != num_chunks:
             raise ValueError(f"{name}: batch_layout='stacked' needs a leading axis of num_chunks={num_chunks}, "
                              f"got {size}")
-        return batch
-    if batch_layout != "strided":
+    elif batch_layout == "strided":
+        if size % num_chunks:
+            raise ValueError(f"{name}: batch size {size} is not divisible by num_chunks={num_chunks}")
+    else:
         raise ValueError(f"batch_layout must be 'strided' or 'stacked', got {batch_layout!r}")
-    if size % num_chunks:
-        raise ValueError(f"{name}: batch size {size} is not divisible by num_chunks={num_chunks}")
-    return jax.tree.map(
-        lambda x: jnp.swapaxes(x.reshape((size // num_chunks, num_chunks) + x.shape[1:]), 0, 1), batch)
 
 
-def merge_embeddings(chunked, batch_layout: str = "strided"):
-    """Inverse of `split_batch` for the embeddings: [num_chunks, rows, dim] -> [num_chunks * rows, dim]."""
+def _chunk_view(tree, num_chunks: int, batch_layout: str):
+    """Leaves [batch, ...] -> [batch / num_chunks, num_chunks, ...] (strided; a free reshape, no copy).
+
+    Stacked leaves ([num_chunks, rows, ...]) are returned as they are.
+    """
+    if batch_layout == "stacked":
+        return tree
+    return jax.tree.map(lambda x: x.reshape((x.shape[0] // num_chunks, num_chunks) + x.shape[1:]), tree)
+
+
+def _rows_view(rows, num_chunks: int, batch_layout: str):
+    """[batch, dim] embeddings or cotangents -> the `_chunk_view` of their sub-batches (a free reshape).
+
+    Stacked sub-batches were merged chunk-major, so they are [num_chunks, rows, dim] again.
+    """
+    if batch_layout == "stacked":
+        return rows.reshape((num_chunks, -1) + rows.shape[1:])
+    return _chunk_view(rows, num_chunks, batch_layout)
+
+
+def _take_chunk(view, index, batch_layout: str):
+    """Sub-batch `index` of a `_chunk_view`: leaves [rows, ...].
+
+    Slicing inside the loop copies one sub-batch at a time; transposing the whole
+    batch to chunk-major order up front would copy all of it.
+    """
+    axis = 0 if batch_layout == "stacked" else 1
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, axis=axis, keepdims=False), view)
+
+
+def _merge_chunks(per_chunk, batch_layout: str):
+    """[num_chunks, rows, dim] embeddings -> [num_chunks * rows, dim] in batch order."""
     if batch_layout == "strided":
-        chunked = jnp.swapaxes(chunked, 0, 1)
-    return chunked.reshape((-1,) + chunked.shape[2:])
+        per_chunk = jnp.swapaxes(per_chunk, 0, 1)
+    return per_chunk.reshape((-1,) + per_chunk.shape[2:])
 
 
 def _embedder(embed_fn: Callable, remat: bool):
@@ -102,18 +131,17 @@ def _embedder(embed_fn: Callable, remat: bool):
     return jax.checkpoint(embed) if remat else embed
 
 
-def _split_rows(rows, num_chunks: int, batch_layout: str):
-    """[batch, ...] embeddings or cotangents -> [num_chunks, batch / num_chunks, ...] in the sub-batch layout."""
-    if batch_layout == "strided":
-        return split_batch(rows, num_chunks)
-    return rows.reshape((num_chunks, -1) + rows.shape[1:])
-
-
-def _embed_all(embed, params, chunks, keys, batch_layout: str):
+def _embed_all(embed, params, view, keys, num_chunks: int, batch_layout: str):
     """(a): all sub-batches without gradient -> [batch, dim]; one sub-batch's activations at a time."""
     frozen = jax.lax.stop_gradient(params)
-    per_chunk = jax.lax.map(lambda step: embed(frozen, step[0], step[1]), (chunks, keys))
-    return merge_embeddings(per_chunk, batch_layout)
+
+    def one(step):
+        index, key = step
+        return embed(frozen, _take_chunk(view, index, batch_layout), key)
+
+    # None keys (no rng) are an empty pytree: map and scan hand them to the body as None.
+    per_chunk = jax.lax.map(one, (jnp.arange(num_chunks), keys))
+    return _merge_chunks(per_chunk, batch_layout)
 
 
 def embed_in_chunks(embed_fn: Callable, params, batch, *, num_chunks: int, rng=None, batch_layout: str = "strided",
@@ -122,9 +150,10 @@ def embed_in_chunks(embed_fn: Callable, params, batch, *, num_chunks: int, rng=N
 
     With rng, sub-batch k uses the same key as `gradcache_value_and_grad` gives it in `stream`.
     """
-    chunks = split_batch(batch, num_chunks, batch_layout)
+    _check_layout(batch, num_chunks, batch_layout, "batch")
     keys = None if rng is None else chunk_rngs(rng, num_chunks)[stream]
-    return _embed_all(_embedder(embed_fn, False), params, chunks, keys, batch_layout)
+    view = _chunk_view(batch, num_chunks, batch_layout)
+    return _embed_all(_embedder(embed_fn, False), params, view, keys, num_chunks, batch_layout)
 
 
 def _widen(x):
@@ -155,31 +184,36 @@ def gradcache_value_and_grad(embed_fn: Callable, loss_fn: Callable, params, quer
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
         raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
     embed = _embedder(embed_fn, remat)
-    query_chunks = split_batch(query_batch, num_chunks, batch_layout, "query_batch")
-    candidate_chunks = split_batch(candidate_batch, num_chunks, batch_layout, "candidate_batch")
+    _check_layout(query_batch, num_chunks, batch_layout, "query_batch")
+    _check_layout(candidate_batch, num_chunks, batch_layout, "candidate_batch")
+    query_view = _chunk_view(query_batch, num_chunks, batch_layout)
+    candidate_view = _chunk_view(candidate_batch, num_chunks, batch_layout)
     query_keys, candidate_keys = (None, None) if rng is None else chunk_rngs(rng, num_chunks)
 
     # (a) embeddings without activations.
-    query_embeddings = _embed_all(embed, params, query_chunks, query_keys, batch_layout)
-    candidate_embeddings = _embed_all(embed, params, candidate_chunks, candidate_keys, batch_layout)
+    query_embeddings = _embed_all(embed, params, query_view, query_keys, num_chunks, batch_layout)
+    candidate_embeddings = _embed_all(embed, params, candidate_view, candidate_keys, num_chunks, batch_layout)
 
     # (b) the gradient cache: d loss / d embeddings.
     loss_of_embeddings = loss_fn if has_aux else (lambda q, c: (loss_fn(q, c), None))
     (loss, aux), (query_cotangent, candidate_cotangent) = jax.value_and_grad(
         loss_of_embeddings, argnums=(0, 1), has_aux=True)(query_embeddings, candidate_embeddings)
-    query_cotangent = _split_rows(query_cotangent, num_chunks, batch_layout)
-    candidate_cotangent = _split_rows(candidate_cotangent, num_chunks, batch_layout)
+    query_cotangent = _rows_view(query_cotangent, num_chunks, batch_layout)
+    candidate_cotangent = _rows_view(candidate_cotangent, num_chunks, batch_layout)
 
     # (c) re-embed each sub-batch with gradient and pull the cached cotangents back to params.
     def accumulate(grads, step):
-        q_chunk, c_chunk, q_cot, c_cot, q_key, c_key = step
-        _, pullback = jax.vjp(lambda p: (embed(p, q_chunk, q_key), embed(p, c_chunk, c_key)), params)
-        (step_grads,) = pullback((q_cot, c_cot))
+        index, query_key, candidate_key = step
+        query_chunk = _take_chunk(query_view, index, batch_layout)
+        candidate_chunk = _take_chunk(candidate_view, index, batch_layout)
+        cotangents = (_take_chunk(query_cotangent, index, batch_layout),
+                      _take_chunk(candidate_cotangent, index, batch_layout))
+        _, pullback = jax.vjp(lambda p: (embed(p, query_chunk, query_key), embed(p, candidate_chunk, candidate_key)),
+                              params)
+        (step_grads,) = pullback(cotangents)
         return jax.tree.map(lambda total, g: total + _widen(g), grads, step_grads), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
-    # None keys (no rng) are empty pytrees: scan hands them to the body as None.
-    steps = (query_chunks, candidate_chunks, query_cotangent, candidate_cotangent, query_keys, candidate_keys)
-    grads, _ = jax.lax.scan(accumulate, zeros, steps)
+    grads, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_chunks), query_keys, candidate_keys))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     return loss, (aux if has_aux else None), grads

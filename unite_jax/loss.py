@@ -90,6 +90,8 @@ finiteness) run only in debug mode: `set_debug(True)` or the environment
 variable `UNITE_JAX_DEBUG=1`. They use `jax.debug.callback`, so they work
 under jit and shard_map, and a failure surfaces as an error when the
 computation runs (its message starts with "mamcl_loss debug check failed").
+The switch is read when the loss is traced: an already-compiled function keeps
+the setting it was traced with.
 """
 
 from __future__ import annotations
@@ -205,7 +207,7 @@ def _check_codes(name: str, x, shape: tuple) -> None:
         raise ValueError(f"{name} has dtype {x.dtype}, expected an integer bitmask")
 
 
-def _check_config(temperature, chunk_size) -> _Config:
+def _check_config(temperature, modality_mask, symmetric, chunk_size) -> _Config:
     if isinstance(temperature, jax.core.Tracer) or np.ndim(temperature) != 0:
         raise ValueError(f"temperature must be a Python number (it is fixed, not learned), got {temperature!r}")
     temperature = float(temperature)
@@ -217,7 +219,7 @@ def _check_config(temperature, chunk_size) -> _Config:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
         chunk_size = int(chunk_size)
-    return _Config(temperature, True, False, chunk_size)
+    return _Config(temperature, bool(modality_mask), bool(symmetric), chunk_size)
 
 
 def _as_array(x):
@@ -275,7 +277,8 @@ def _debug_check_values(query, candidate, modality, valid, hard_negative, hard_n
     keep = np.asarray(valid).astype(bool)
     problems = []
     codes = [("candidate_modality", np.asarray(modality)[:, None])]
-    vectors = [("query", np.asarray(query, np.float64)[:, None]), ("candidate", np.asarray(candidate, np.float64)[:, None])]
+    vectors = [("query", np.asarray(query, np.float64)[:, None]),
+               ("candidate", np.asarray(candidate, np.float64)[:, None])]
     if hard_negative is not None:
         codes.append(("hard_negative_modality", np.asarray(hard_negative_modality)))
         vectors.append(("hard_negative", np.asarray(hard_negative, np.float64)))
@@ -283,7 +286,8 @@ def _debug_check_values(query, candidate, modality, valid, hard_negative, hard_n
         bad = ((values < 1) | (values > KNOWN_MODALITY_BITS)) & keep[:, None]
         if bad.any():
             row = int(np.argwhere(bad)[0][0])
-            problems.append(f"{name} row {row} holds {values[row].tolist()}, expected codes in 1..{KNOWN_MODALITY_BITS}")
+            problems.append(f"{name} row {row} holds {values[row].tolist()}, "
+                            f"expected codes in 1..{KNOWN_MODALITY_BITS}")
     for name, values in vectors:
         if not np.isfinite(values[keep]).all():
             problems.append(f"{name} has non-finite values in valid rows")
@@ -331,15 +335,20 @@ def _allowed(targets, row_modality, col_index, col_modality, col_valid, use_mask
     return allowed | (targets[:, None] == col_index[None, :])
 
 
-def _dense_lse(rows, columns: _Columns, targets, row_modality, temperature: float, use_mask: bool):
-    """Per-row logsumexp over allowed columns [b] and hardest allowed negative logit [b] (no gradient)."""
+def _dense_cross_entropy(rows, columns: _Columns, targets, row_modality, temperature: float, use_mask: bool):
+    """Per-row cross-entropy [b], positive logit [b] and hardest allowed negative logit [b] (-1e9 if none).
+
+    The positive logit is read from the same matrix as the logsumexp, so a row whose only
+    allowed column is its positive has a loss (and gradient) of exactly 0.
+    """
     logits = _logits(rows, columns.embeddings, temperature)
     col_index = jnp.arange(columns.embeddings.shape[0])
     allowed = _allowed(targets, row_modality, col_index, columns.modality, columns.valid, use_mask)
     lse = jax.nn.logsumexp(jnp.where(allowed, logits, _MASKED_LOGIT), axis=-1)
-    negative = allowed & (targets[:, None] != col_index[None, :])
-    hardest = jnp.max(jnp.where(negative, jax.lax.stop_gradient(logits), _MASKED_LOGIT), axis=-1)
-    return lse, hardest
+    is_target = targets[:, None] == col_index[None, :]
+    positive = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+    hardest = jnp.max(jnp.where(allowed & ~is_target, logits, _MASKED_LOGIT), axis=-1)
+    return lse - positive, jax.lax.stop_gradient(positive), jax.lax.stop_gradient(hardest)
 
 
 def _column_blocks(cols, col_modality, col_valid, chunk_size: int):
@@ -356,88 +365,116 @@ def _column_blocks(cols, col_modality, col_valid, chunk_size: int):
             col_modality.reshape(num_blocks, block), col_valid.reshape(num_blocks, block))
 
 
+def _first_and_rest(blocks):
+    # The first block seeds the scan carry, so the carry is built from the inputs and has their
+    # device-variance type inside shard_map (a constant initial carry would not).
+    return jax.tree.map(lambda x: x[0], blocks), jax.tree.map(lambda x: x[1:], blocks)
+
+
+def _block_logits(spec, rows, targets, row_modality, block):
+    """One block's logits [b, N], allowed mask [b, N] and target indicator [b, N]."""
+    temperature, use_mask, _ = spec
+    block_cols, block_index, block_modality, block_valid = block
+    logits = _logits(rows, block_cols, temperature)
+    allowed = _allowed(targets, row_modality, block_index, block_modality, block_valid, use_mask)
+    return logits, allowed, targets[:, None] == block_index[None, :]
+
+
+def _block_statistics(spec, rows, targets, row_modality, block):
+    """One block's (max, sum of exp(logit - max), positive logit or 0, hardest negative logit), each [b]."""
+    logits, allowed, is_target = _block_logits(spec, rows, targets, row_modality, block)
+    # Same arithmetic as a dense logsumexp over the -1e9-filled row.
+    masked = jnp.where(allowed, logits, _MASKED_LOGIT)
+    block_max = jnp.max(masked, axis=-1)
+    block_sum = jnp.sum(jnp.exp(masked - block_max[:, None]), axis=-1)
+    positive = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+    hardest = jnp.max(jnp.where(allowed & ~is_target, logits, _MASKED_LOGIT), axis=-1)
+    return block_max, block_sum, positive, hardest
+
+
+def _merge_statistics(left, right):
+    """Streaming logsumexp: combines two (max, sum, positive, hardest) tuples."""
+    new_max = jnp.maximum(left[0], right[0])
+    new_sum = left[1] * jnp.exp(left[0] - new_max) + right[1] * jnp.exp(right[0] - new_max)
+    return new_max, new_sum, left[2] + right[2], jnp.maximum(left[3], right[3])
+
+
 def _streaming_forward(spec, rows, cols, targets, row_modality, col_modality, col_valid):
-    temperature, use_mask, chunk_size = spec
-    b = rows.shape[0]
-    dtype = _compute_dtype(rows, cols)
+    first, rest = _first_and_rest(_column_blocks(cols, col_modality, col_valid, spec[2]))
 
     def step(carry, block):
-        running_max, running_sum, hardest = carry
-        block_cols, block_index, block_modality, block_valid = block
-        logits = _logits(rows, block_cols, temperature)
-        allowed = _allowed(targets, row_modality, block_index, block_modality, block_valid, use_mask)
-        masked = jnp.where(allowed, logits, _MASKED_LOGIT)
-        new_max = jnp.maximum(running_max, jnp.max(masked, axis=-1))
-        # Same arithmetic as a dense logsumexp over the -1e9-filled row, one block at a time.
-        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(jnp.exp(masked - new_max[:, None]), -1)
-        negative = allowed & (targets[:, None] != block_index[None, :])
-        hardest = jnp.maximum(hardest, jnp.max(jnp.where(negative, logits, _MASKED_LOGIT), axis=-1))
-        return (new_max, running_sum, hardest), None
+        return _merge_statistics(carry, _block_statistics(spec, rows, targets, row_modality, block)), None
 
-    init = (jnp.full((b,), _MASKED_LOGIT, dtype), jnp.zeros((b,), dtype), jnp.full((b,), _MASKED_LOGIT, dtype))
-    blocks = _column_blocks(cols, col_modality, col_valid, chunk_size)
-    (running_max, running_sum, hardest), _ = jax.lax.scan(step, init, blocks)
-    return running_max + jnp.log(running_sum), hardest
+    carry = _block_statistics(spec, rows, targets, row_modality, first)
+    (running_max, running_sum, positive, hardest), _ = jax.lax.scan(step, carry, rest)
+    lse = running_max + jnp.log(running_sum)
+    return lse - positive, positive, hardest, lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _streaming_lse(spec, rows, cols, targets, row_modality, col_modality, col_valid):
-    """Blockwise twin of `_dense_lse`: ([b] logsumexp, [b] hardest negative logit).
+def _streaming_cross_entropy(spec, rows, cols, targets, row_modality, col_modality, col_valid):
+    """Blockwise twin of `_dense_cross_entropy`: ([b] loss, [b] positive logit, [b] hardest negative logit).
 
     spec = (temperature, use_mask, chunk_size); rows [b, dim]; cols [n, dim];
     targets / row_modality [b] int32; col_modality [n] int32; col_valid [n] bool.
+    Only the loss is differentiable; the other two are metrics.
     """
-    return _streaming_forward(spec, rows, cols, targets, row_modality, col_modality, col_valid)
+    return _streaming_forward(spec, rows, cols, targets, row_modality, col_modality, col_valid)[:3]
 
 
-def _streaming_lse_fwd(spec, rows, cols, targets, row_modality, col_modality, col_valid):
-    lse, hardest = _streaming_forward(spec, rows, cols, targets, row_modality, col_modality, col_valid)
-    # Only the [b] logsumexp is new memory; the inputs are alive anyway.
-    return (lse, hardest), (rows, cols, targets, row_modality, col_modality, col_valid, lse)
+def _streaming_cross_entropy_fwd(spec, rows, cols, targets, row_modality, col_modality, col_valid):
+    loss, positive, hardest, lse = _streaming_forward(spec, rows, cols, targets, row_modality, col_modality,
+                                                      col_valid)
+    # Only [b] vectors are new memory; the inputs are alive anyway.
+    return (loss, positive, hardest), (rows, cols, targets, row_modality, col_modality, col_valid, lse, positive)
 
 
-def _streaming_lse_bwd(spec, residuals, cotangents):
-    temperature, use_mask, chunk_size = spec
-    rows, cols, targets, row_modality, col_modality, col_valid, lse = residuals
-    lse_cotangent, _ = cotangents  # the hardest-negative output is a metric: no gradient
+def _streaming_cross_entropy_bwd(spec, residuals, cotangents):
+    temperature, _, chunk_size = spec
+    rows, cols, targets, row_modality, col_modality, col_valid, lse, positive = residuals
+    loss_cotangent = cotangents[0]  # the positive and hardest outputs are metrics: no gradient
     dtype = _compute_dtype(rows, cols)
     rows_wide = rows.astype(dtype)
 
-    def step(rows_grad, block):
-        block_cols, block_index, block_modality, block_valid = block
-        logits = _logits(rows, block_cols, temperature)
-        allowed = _allowed(targets, row_modality, block_index, block_modality, block_valid, use_mask)
-        # d lse_i / d logit_ij = softmax_ij over allowed columns; disallowed get exactly 0.
-        weights = jnp.exp(jnp.where(allowed, logits - lse[:, None], -jnp.inf)) * lse_cotangent[:, None]
-        rows_grad = rows_grad + jnp.dot(weights, block_cols.astype(dtype), precision=jax.lax.Precision.HIGHEST)
+    def block_gradients(block):
+        """([b, dim] row gradient, [N, dim] column gradient), both times temperature."""
+        logits, allowed, is_target = _block_logits(spec, rows, targets, row_modality, block)
+        # The recomputed logits may differ from the forward's in the last bit; reusing the forward's
+        # positive keeps softmax - 1 exactly 0 for a row whose positive is its only allowed column.
+        logits = jnp.where(is_target, positive[:, None], logits)
+        # d loss_i / d logit_ij = softmax_ij - [j is i's positive]; disallowed columns get exactly 0.
+        softmax = jnp.exp(jnp.where(allowed, logits - lse[:, None], -jnp.inf))
+        weights = (softmax - is_target.astype(dtype)) * loss_cotangent[:, None]
+        rows_grad = jnp.dot(weights, block[0].astype(dtype), precision=jax.lax.Precision.HIGHEST)
         cols_grad = jnp.dot(weights.T, rows_wide, precision=jax.lax.Precision.HIGHEST)
         return rows_grad, cols_grad
 
-    blocks = _column_blocks(cols, col_modality, col_valid, chunk_size)
-    rows_grad, cols_grad = jax.lax.scan(step, jnp.zeros(rows.shape, dtype), blocks)
-    cols_grad = cols_grad.reshape(-1, cols.shape[1])[: cols.shape[0]]
+    def step(rows_grad, block):
+        block_rows_grad, cols_grad = block_gradients(block)
+        return rows_grad + block_rows_grad, cols_grad
+
+    first, rest = _first_and_rest(_column_blocks(cols, col_modality, col_valid, chunk_size))
+    rows_grad, first_cols_grad = block_gradients(first)
+    rows_grad, rest_cols_grad = jax.lax.scan(step, rows_grad, rest)
+    cols_grad = jnp.concatenate([first_cols_grad, rest_cols_grad.reshape(-1, cols.shape[1])])[: cols.shape[0]]
     return ((rows_grad / temperature).astype(rows.dtype), (cols_grad / temperature).astype(cols.dtype),
             None, None, None, None)
 
 
-_streaming_lse.defvjp(_streaming_lse_fwd, _streaming_lse_bwd)
+_streaming_cross_entropy.defvjp(_streaming_cross_entropy_fwd, _streaming_cross_entropy_bwd)
 
 
-def _row_terms(rows, positives, targets, row_modality, columns: _Columns, config: _Config, use_mask: bool):
-    """Cross-entropy of each row against its positive.
+def _row_terms(rows, targets, row_modality, columns: _Columns, config: _Config, use_mask: bool):
+    """Cross-entropy of each row [b, dim] against its positive, column targets[i] of `columns`.
 
-    rows, positives: [b, dim] (positives[i] is column targets[i]); targets, row_modality: [b];
-    returns (loss [b], positive logit [b], hardest allowed negative logit [b], -1e9 when none).
+    Returns (loss [b], positive logit [b], hardest allowed negative logit [b], -1e9 when none);
+    only the loss carries gradient.
     """
-    dtype = _compute_dtype(rows, positives)
-    positive_logit = jnp.sum(rows.astype(dtype) * positives.astype(dtype), axis=-1) / config.temperature
     if config.chunk_size is None:
-        lse, hardest = _dense_lse(rows, columns, targets, row_modality, config.temperature, use_mask)
-    else:
-        spec = (config.temperature, use_mask, config.chunk_size)
-        lse, hardest = _streaming_lse(spec, rows, columns.embeddings, targets, row_modality, columns.modality,
-                                      columns.valid)
-    return lse - positive_logit, positive_logit, jax.lax.stop_gradient(hardest)
+        return _dense_cross_entropy(rows, columns, targets, row_modality, config.temperature, use_mask)
+    spec = (config.temperature, use_mask, config.chunk_size)
+    return _streaming_cross_entropy(spec, rows, columns.embeddings, targets, row_modality, columns.modality,
+                                    columns.valid)
 
 
 # ----------------------------------------------------------------------------
@@ -449,8 +486,9 @@ def _candidate_columns(candidate, modality, valid, hard_negative, hard_negative_
     if hard_negative is None:
         return _Columns(candidate, modality, valid)
     negatives = hard_negative.shape[1]
+    dtype = jnp.result_type(candidate, hard_negative)
     return _Columns(
-        jnp.concatenate([candidate, hard_negative.reshape(-1, hard_negative.shape[-1]).astype(candidate.dtype)]),
+        jnp.concatenate([candidate.astype(dtype), hard_negative.reshape(-1, hard_negative.shape[-1]).astype(dtype)]),
         jnp.concatenate([modality, hard_negative_modality.reshape(-1)]),
         jnp.concatenate([valid, jnp.repeat(valid, negatives)]))
 
@@ -475,12 +513,11 @@ def _loss_sums(local: _Inputs, columns: _Columns, query_columns: Optional[_Colum
     b = local.query.shape[0]
     targets = row_offset + jnp.arange(b, dtype=jnp.int32)
     weight = local.valid.astype(jnp.float32)
-    loss, positive, hardest = _row_terms(local.query, local.candidate, targets, local.modality, columns, config,
+    loss, positive, hardest = _row_terms(local.query, targets, local.modality, columns, config,
                                          config.modality_mask)
     has_negative = hardest > _MASKED_LOGIT / 2
     masked, valid_columns = _masked_counts(local.modality, columns, config.modality_mask)
     metric_weight = jax.lax.stop_gradient(weight)
-    positive = jax.lax.stop_gradient(positive)
     sums = {
         "q2c": jnp.sum(weight * loss),
         "rows": jnp.sum(weight),
@@ -492,7 +529,7 @@ def _loss_sums(local: _Inputs, columns: _Columns, query_columns: Optional[_Colum
         "entries": jnp.sum(metric_weight) * valid_columns,
     }
     if config.symmetric:
-        c2q, _, _ = _row_terms(local.candidate, local.query, targets, local.modality, query_columns, config, False)
+        c2q, _, _ = _row_terms(local.candidate, targets, local.modality, query_columns, config, False)
         sums["c2q"] = jnp.sum(weight * c2q)
     return sums
 
@@ -516,11 +553,6 @@ def _finalise(sums: dict, config: _Config):
     metrics["loss"] = loss
     metrics = {k: jax.lax.stop_gradient(v).astype(jnp.float32) for k, v in metrics.items()}
     return loss, metrics
-
-
-def _make_config(temperature, modality_mask, symmetric, chunk_size) -> _Config:
-    config = _check_config(temperature, chunk_size)
-    return config._replace(modality_mask=bool(modality_mask), symmetric=bool(symmetric))
 
 
 # ----------------------------------------------------------------------------
@@ -547,7 +579,7 @@ def mamcl_loss(query, candidate, candidate_modality, *, temperature=0.03, modali
       (cosine of each row's hardest allowed negative, averaged over rows that have one; 0 when none),
       masked_fraction (modality-masked share of valid row x valid column entries), valid_rows.
     """
-    config = _make_config(temperature, modality_mask, symmetric, chunk_size)
+    config = _check_config(temperature, modality_mask, symmetric, chunk_size)
     inputs = _prepare_inputs(query, candidate, candidate_modality, hard_negative, hard_negative_modality, valid)
     _maybe_debug_check(inputs)
     columns = _candidate_columns(inputs.candidate, inputs.modality, inputs.valid, inputs.hard_negative,
@@ -569,7 +601,7 @@ def mamcl_loss_sharded(query, candidate, candidate_modality, *, mesh, axis_names
     and the loss is psum(row-loss sums) / psum(valid rows). Same arguments and
     results as `mamcl_loss`; batch must be divisible by the number of shards.
     """
-    config = _make_config(temperature, modality_mask, symmetric, chunk_size)
+    config = _check_config(temperature, modality_mask, symmetric, chunk_size)
     inputs = _prepare_inputs(query, candidate, candidate_modality, hard_negative, hard_negative_modality, valid)
     axis_names = tuple(axis_names)
     unknown = [a for a in axis_names if a not in mesh.shape]

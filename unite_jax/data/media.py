@@ -166,6 +166,30 @@ class ProcessorConfig:
         fields.update(overrides)
         return cls(**fields)
 
+    def save_pretrained(self, model_dir: str | os.PathLike) -> str:
+        """Writes `preprocessor_config.json` that this class, transformers 4.x and 5.x all read.
+
+        The pixel budget goes both to `size` (5.x) and to `min_pixels`/`max_pixels` (4.x);
+        video settings, which transformers' image processor does not know, are not written.
+        Returns the file's path.
+        """
+        config = {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "do_convert_rgb": True, "do_resize": True, "do_rescale": True, "do_normalize": True,
+            "resample": 3,  # bicubic
+            "rescale_factor": self.rescale_factor,
+            "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+            "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
+            "merge_size": self.merge_size,
+            "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,
+            "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+        }
+        os.makedirs(model_dir, exist_ok=True)
+        path = os.path.join(os.fspath(model_dir), PREPROCESSOR_CONFIG)
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2)
+        return path
+
 
 def _read_json_object(path: str) -> dict:
     """The JSON object in `path`; errors name the file (and line/column for syntax errors)."""

@@ -5,11 +5,12 @@ Layout (DESIGN.md "Static shapes and packing"); S shards, b rows per shard, L to
   attention_mask    [S*b, L] int32   0 on left padding
   position_ids      [S*b, 3, L] int32 sequential (UNITE) or Qwen2-VL 3-D M-RoPE
   patches           [S, P, patch_dim] float32, every media of the shard's rows, in row order
-  patch_segment_ids [S, P] int32     one id per (media, temporal slice); -1 = padding
+  patch_segment_ids [S, P] int32     one id per (media, temporal slice); -1 = padding. P is a whole
+                                     number of vision blocks, and each slice lies inside one block
   patch_positions   [S, P, 2] int32  (row, column) of each patch, merge-window order
   merged_dest       [S, P/4] int32   slot of each merged token in the shard's b*L text slots; b*L = dropped
   valid             [S*b] bool       False for rows that only pad the batch
-A new input size only compiles anew when it crosses into a new (L, P) bucket.
+A new input size only compiles anew when it crosses into a new (L, P, block) bucket.
 """
 
 from __future__ import annotations
@@ -20,8 +21,24 @@ import numpy as np
 
 from unite_jax.data.media import vision_rope_positions
 
-SEQ_BUCKETS = tuple(32 * 2**k for k in range(12))  # 32 ... 65536
-PATCH_BUCKETS = tuple(64 * 2**k for k in range(14))  # 64 ... 524288
+
+
+def geometric_buckets(start: int, stop: int, multiple: int) -> tuple[int, ...]:
+    """Sizes from `start` to `stop` in quarter-octave steps, rounded up to `multiple`.
+
+    At most ~19% padding, 4 shapes (compilations) per doubling.
+    """
+    sizes, k = set(), 0
+    while (size := -(-int(start * 2 ** (k / 4)) // multiple) * multiple) <= stop:
+        sizes.add(size)
+        k += 1
+    return tuple(sorted(sizes))
+
+
+SEQ_BUCKETS = geometric_buckets(32, 65536, 16)
+# Vision attention tile sizes in patches (multiples of 16 keep 2x2 merge windows whole).
+VISION_BLOCK_BUCKETS = geometric_buckets(64, 32768, 16)
+BLOCK_COUNT_BUCKETS = geometric_buckets(1, 65536, 1)
 
 
 @dataclasses.dataclass
@@ -81,21 +98,61 @@ def mrope_positions(item: PackableInput, merge_size: int) -> np.ndarray:
     return positions.astype(np.int32)
 
 
+def _slices_per_shard(items: list[PackableInput], num_shards: int, rows_per_shard: int) -> list[list[tuple]]:
+    """For each shard, its vision slices in row order: (row, media index, temporal index, h, w)."""
+    shards = [[] for _ in range(num_shards)]
+    for row, item in enumerate(items):
+        for k, (t, h, w) in enumerate(item.grids):
+            shards[row // rows_per_shard] += [(row, k, ti, h, w) for ti in range(t)]
+    return shards
+
+
+def first_fit(lengths: list[int], block: int) -> tuple[list[int], int]:
+    """Offsets that put each length inside one block of `block` slots (first fit), and the blocks used."""
+    fill: list[int] = []
+    offsets = []
+    for length in lengths:
+        if length > block:
+            raise ValueError(f"a {length}-patch frame does not fit a vision block of {block} patches")
+        for b, used in enumerate(fill):
+            if used + length <= block:
+                offsets.append(b * block + used)
+                fill[b] += length
+                break
+        else:
+            offsets.append(len(fill) * block)
+            fill.append(length)
+    return offsets, len(fill)
+
+
+def choose_shapes(items: list[PackableInput], num_shards: int, rows_per_shard: int) -> tuple[int, int, int]:
+    """(seq_len, patch_budget, vision_block) buckets that fit `items` packed as `pack_batch` does."""
+    seq_len = bucket(max(item.num_tokens for item in items), SEQ_BUCKETS)
+    slices = _slices_per_shard(items, num_shards, rows_per_shard)
+    longest = max((h * w for shard in slices for (_, _, _, h, w) in shard), default=1)
+    block = bucket(longest, VISION_BLOCK_BUCKETS)
+    blocks = max(first_fit([h * w for (_, _, _, h, w) in shard], block)[1] for shard in slices)
+    return seq_len, block * bucket(max(blocks, 1), BLOCK_COUNT_BUCKETS), block
+
+
 def pack_batch(items: list[PackableInput], *, num_shards: int, rows_per_shard: int, seq_len: int,
                patch_budget: int, pad_id: int, patch_dim: int, merge_size: int = 2,
-               position_mode: str = "sequential", max_segment_patches: int = 0) -> dict[str, np.ndarray]:
+               position_mode: str = "sequential", vision_block: int = 0) -> dict[str, np.ndarray]:
     """Packs up to num_shards * rows_per_shard inputs (item i goes to shard i // rows_per_shard).
 
-    Raises ValueError when an input is longer than seq_len or a shard's patches exceed patch_budget
-    (callers pick the buckets with `bucket` first), or when a temporal slice holds more than
-    `max_segment_patches` patches (the vision attention window; 0 = unbounded).
+    Each (media, temporal slice) is placed inside one block of `vision_block` patches (first fit;
+    0 = the whole row is one block), so the vision tower can attend tile by tile. Raises
+    ValueError when an input is longer than seq_len or a shard's slices do not fit patch_budget;
+    `choose_shapes` picks buckets that fit.
     """
     rows = num_shards * rows_per_shard
     if len(items) > rows:
         raise ValueError(f"{len(items)} inputs do not fit {num_shards} shards x {rows_per_shard} rows")
     merge_unit = merge_size**2
-    if patch_budget % merge_unit:
-        raise ValueError(f"patch budget {patch_budget} must be a multiple of {merge_unit}")
+    block = vision_block or patch_budget
+    if block % merge_unit or patch_budget % block:
+        raise ValueError(f"vision block {block} must be a multiple of {merge_unit} and divide the patch budget "
+                         f"{patch_budget}")
     input_ids = np.full((rows, seq_len), pad_id, np.int32)
     attention_mask = np.zeros((rows, seq_len), np.int32)
     position_ids = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, 3, seq_len)).copy()
@@ -105,11 +162,8 @@ def pack_batch(items: list[PackableInput], *, num_shards: int, rows_per_shard: i
     dump_slot = rows_per_shard * seq_len
     merged_dest = np.full((num_shards, patch_budget // merge_unit), dump_slot, np.int32)
     valid = np.zeros((rows,), bool)
-    fill = np.zeros(num_shards, np.int64)  # patches used per shard
-    next_segment = np.zeros(num_shards, np.int64)
 
     for row, item in enumerate(items):
-        shard, local_row = divmod(row, rows_per_shard)
         n = item.num_tokens
         if n > seq_len:
             raise ValueError(f"input {row} has {n} tokens, more than the sequence bucket {seq_len}")
@@ -127,21 +181,21 @@ def pack_batch(items: list[PackableInput], *, num_shards: int, rows_per_shard: i
             count = media_patches.shape[0]
             if count != t * h * w or count != length * merge_unit:
                 raise ValueError(f"input {row}: media of grid {grid} has {count} patches for {length} pad tokens")
-            if max_segment_patches and h * w > max_segment_patches:
-                raise ValueError(f"input {row}: a {h}x{w}-patch frame exceeds the vision attention window of "
-                                 f"{max_segment_patches} patches (raise the window or lower max_pixels)")
-            lo = int(fill[shard])
-            if lo + count > patch_budget:
-                raise ValueError(f"shard {shard} needs more than the patch budget {patch_budget}")
-            patches[shard, lo:lo + count] = media_patches
-            # one segment per temporal slice: slices of a video attend only within themselves
-            slice_ids = next_segment[shard] + np.repeat(np.arange(t), h * w)
-            segment_ids[shard, lo:lo + count] = slice_ids
-            next_segment[shard] += t
-            patch_positions[shard, lo:lo + count] = vision_rope_positions(np.asarray([grid]), merge_size)
-            dest = local_row * seq_len + offset + start + np.arange(length)
-            merged_dest[shard, lo // merge_unit:(lo + count) // merge_unit] = dest
-            fill[shard] += count
+
+    for shard, slices in enumerate(_slices_per_shard(items, num_shards, rows_per_shard)):
+        offsets, blocks = first_fit([h * w for (_, _, _, h, w) in slices], block)
+        if blocks * block > patch_budget:
+            raise ValueError(f"shard {shard} needs {blocks} vision blocks of {block} patches, more than the patch "
+                             f"budget {patch_budget}")
+        for segment, ((row, k, ti, h, w), lo) in enumerate(zip(slices, offsets)):
+            item = items[row]
+            size = h * w
+            patches[shard, lo:lo + size] = item.patches[k][ti * size:(ti + 1) * size]
+            segment_ids[shard, lo:lo + size] = segment
+            patch_positions[shard, lo:lo + size] = vision_rope_positions((1, h, w), merge_size)
+            start, _ = item.vision_runs[k]
+            first_token = (row % rows_per_shard) * seq_len + (seq_len - item.num_tokens) + start + ti * size // merge_unit
+            merged_dest[shard, lo // merge_unit:(lo + size) // merge_unit] = first_token + np.arange(size // merge_unit)
 
     # Rows that only pad the batch hold a lone <|endoftext|> so their forward stays well defined.
     for row in range(len(items), rows):
@@ -157,10 +211,3 @@ def pack_batch(items: list[PackableInput], *, num_shards: int, rows_per_shard: i
         "valid": valid,
     }
 
-
-def shard_patch_counts(items: list[PackableInput], num_shards: int, rows_per_shard: int) -> np.ndarray:
-    """[num_shards] patches each shard would hold."""
-    counts = np.zeros(num_shards, np.int64)
-    for row, item in enumerate(items):
-        counts[row // rows_per_shard] += item.num_patches
-    return counts

@@ -61,40 +61,21 @@ def segment_mask(segment_ids: jnp.ndarray) -> jnp.ndarray:
     return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
-def local_segment_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray, segment_ids: jnp.ndarray,
-                            *, window: int, block: int = 512, impl: str = "xla") -> jnp.ndarray:
-    """Block-diagonal attention over a long packed row without the [n, n] score matrix.
 
-    Segments are contiguous and at most `window` long, so a query block of
-    `block` positions only needs the keys within `window` of its edges. Cost is
-    O(n * (block + 2 * window)) instead of O(n^2); results equal the dense
-    masked attention exactly (every key a query may see is inside its window).
+def blocked_segment_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray, segment_ids: jnp.ndarray,
+                              *, block: int, impl: str = "xla") -> jnp.ndarray:
+    """Block-diagonal attention over a packed row whose segments never straddle a block.
 
-    query, key, value: [batch, n, heads, head_dim]; segment_ids: [batch, n] int.
+    The packer places every (media, temporal slice) inside one block of `block`
+    patches, so attention is dense within [block, block] tiles and nothing is
+    computed across them: cost O(n * block) instead of O(n^2), exact.
+
+    query, key, value: [batch, n, heads, head_dim] with n a multiple of block; segment_ids: [batch, n].
     """
     batch, n, heads, head_dim = query.shape
-    span = block + 2 * window
-    if n <= span:
-        return dot_product_attention(query, key, value, segment_mask(segment_ids), impl=impl)
-    num_blocks = -(-n // block)
-    tail = num_blocks * block - n
-    # Query padding and key padding get ids no real or padding patch has (-2, -3).
-    q = jnp.pad(query, ((0, 0), (0, tail), (0, 0), (0, 0)))
-    q_seg = jnp.pad(segment_ids, ((0, 0), (0, tail)), constant_values=-2)
-    kv_pad = ((0, 0), (window, window + tail), (0, 0), (0, 0))
-    k, v = jnp.pad(key, kv_pad), jnp.pad(value, kv_pad)
-    k_seg = jnp.pad(segment_ids, ((0, 0), (window, window + tail)), constant_values=-3)
-
-    def one_block(start):
-        qb = jax.lax.dynamic_slice_in_dim(q, start, block, axis=1)
-        qs = jax.lax.dynamic_slice_in_dim(q_seg, start, block, axis=1)
-        # padded key index `start` is original position start - window
-        kb = jax.lax.dynamic_slice_in_dim(k, start, span, axis=1)
-        vb = jax.lax.dynamic_slice_in_dim(v, start, span, axis=1)
-        ks = jax.lax.dynamic_slice_in_dim(k_seg, start, span, axis=1)
-        mask = (qs[:, :, None] == ks[:, None, :])[:, None]
-        return dot_product_attention(qb, kb, vb, mask, impl=impl)
-
-    out = jax.lax.map(one_block, jnp.arange(num_blocks) * block)  # [blocks, batch, block, heads, hd]
-    out = jnp.moveaxis(out, 0, 1).reshape(batch, num_blocks * block, heads, head_dim)
-    return out[:, :n]
+    if n % block:
+        raise ValueError(f"packed row of {n} patches is not a whole number of {block}-patch blocks")
+    tiles = batch * (n // block)
+    tile = lambda x: x.reshape(tiles, block, *x.shape[2:])
+    out = dot_product_attention(tile(query), tile(key), tile(value), segment_mask(tile(segment_ids)), impl=impl)
+    return out.reshape(batch, n, heads, head_dim)

@@ -92,10 +92,10 @@ class ModelConfig:
     attention_impl: str = "xla"
     remat: str = "none"
     scan_layers: bool = True
-    # Longest (media, temporal slice) segment in patches; > 0 lets the vision tower attend within a
-    # local window of each query block instead of over the whole packed row (same result, far less
-    # work on long rows). 0 = dense block-diagonal attention. See `with_vision_window`.
-    vision_attention_window: int = 0
+    # Vision attention runs in tiles of this many patches: the packer keeps every (media, temporal
+    # slice) inside one tile, so attention is exact and costs O(patches * vision_block) instead of
+    # O(patches^2). 0 = one tile per packed row. Chosen per batch by the packer (`vision_block_for`).
+    vision_block: int = 0
 
     def __post_init__(self):
         if self.positions not in POSITION_MODES:
@@ -113,10 +113,6 @@ class ModelConfig:
                 f"vision merger output ({self.vision.out_hidden_size}) must equal the LLM hidden size "
                 f"({self.text.hidden_size})"
             )
-
-    def with_vision_window(self, max_pixels: int) -> "ModelConfig":
-        """Sets the vision attention window from the pre-processor's per-frame pixel budget."""
-        return self.replace(vision_attention_window=max_pixels // (self.vision.patch_size**2))
 
     @property
     def hidden_size(self) -> int:

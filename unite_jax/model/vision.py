@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from unite_jax.model.attention import local_segment_attention
+from unite_jax.model.attention import blocked_segment_attention
 from unite_jax.model.config import ModelConfig
 from unite_jax.model.layers import activation, layer_norm, linear, scan_layers
 from unite_jax.model.rope import apply_rope, vision_rope
@@ -26,17 +26,12 @@ def vision_block(x: jnp.ndarray, p: dict, cos: jnp.ndarray, sin: jnp.ndarray, se
     qkv = linear(h, p["attn"]["qkv"], dtype).reshape(rows, n, 3, v.num_heads, v.head_dim)
     q, k, val = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    attn = local_segment_attention(q, k, val, segment_ids, window=_window(cfg, n), impl=cfg.attention_impl)
+    attn = blocked_segment_attention(q, k, val, segment_ids, block=cfg.vision_block or n, impl=cfg.attention_impl)
     attn = attn.reshape(rows, n, v.embed_dim)
     x = x + linear(attn, p["attn"]["proj"], dtype)
     h = layer_norm(x, p["norm2"], v.layer_norm_eps)
     h = activation(v.hidden_act)(linear(h, p["mlp"]["fc1"], dtype))
     return x + linear(h, p["mlp"]["fc2"], dtype)
-
-
-def _window(cfg: ModelConfig, num_patches: int) -> int:
-    """Longest segment the attention must cover: the config's bound, or the whole row when unset."""
-    return cfg.vision_attention_window or num_patches
 
 
 def patch_merger(x: jnp.ndarray, p: dict, cfg: ModelConfig) -> jnp.ndarray:
@@ -57,7 +52,8 @@ def vision_tower(params: dict, patches: jnp.ndarray, segment_ids: jnp.ndarray, p
     """Packed patches -> merged visual tokens.
 
     patches: [rows, patches, C*T*P*P] (pixel values, any float dtype)
-    segment_ids: [rows, patches] int32, one id per (media, temporal slice); -1 = padding
+    segment_ids: [rows, patches] int32, one id per (media, temporal slice); -1 = padding.
+        Segments never straddle a block of `cfg.vision_block` patches (the packer's layout).
     patch_positions: [rows, patches, 2] int32, (row, column) of each patch in its image
     Returns [rows, patches / 4, llm_hidden] in the compute dtype.
     """
