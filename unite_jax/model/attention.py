@@ -14,6 +14,10 @@ import jax
 import jax.numpy as jnp
 
 _MASKED = -1e30  # finite: a fully masked row gives a uniform softmax instead of NaN
+# Queries longer than this are processed in chunks of QUERY_CHUNK rows, each rematerialised in the
+# backward pass, so the XLA path never holds more than [heads, QUERY_CHUNK, kv_len] scores at once.
+QUERY_CHUNK_THRESHOLD = 2048
+QUERY_CHUNK = 1024
 
 
 def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray, mask: jnp.ndarray | None,
@@ -28,19 +32,45 @@ def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarr
         return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
     if impl != "xla":
         raise ValueError(f"unknown attention implementation {impl!r}")
-    batch, q_len, heads, head_dim = query.shape
-    kv_heads = key.shape[2]
-    groups = heads // kv_heads
-    q = query.reshape(batch, q_len, kv_heads, groups, head_dim)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, key, preferred_element_type=jnp.float32)
-    logits = logits * (head_dim ** -0.5)
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, (batch, 1, q_len, key.shape[1]))[:, :, None]  # [b, 1, 1, q, s]
-        logits = jnp.where(mask, logits, _MASKED)
-    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, value, preferred_element_type=jnp.float32)
-    return out.reshape(batch, q_len, heads, head_dim).astype(query.dtype)
+    if query.shape[1] > QUERY_CHUNK_THRESHOLD:
+        return _query_chunked(query, key, value, mask)
+    return _xla_attention(query, key, value, mask)
 
+
+def _query_chunked(query, key, value, mask):
+    """The XLA attention over chunks of queries (memory O(chunk * kv_len) per head, forward and backward)."""
+    batch, q_len, heads, head_dim = query.shape
+    chunks = -(-q_len // QUERY_CHUNK)
+    pad = chunks * QUERY_CHUNK - q_len
+    q = jnp.pad(query, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q = jnp.moveaxis(q.reshape(batch, chunks, QUERY_CHUNK, heads, head_dim), 1, 0)
+    if mask is None:
+        mask = jnp.ones((batch, 1, q_len, key.shape[1]), bool)
+    mask = jnp.broadcast_to(mask, (batch, 1, q_len, key.shape[1]))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
+    mask = jnp.moveaxis(mask.reshape(batch, 1, chunks, QUERY_CHUNK, key.shape[1]), 2, 0)
+    body = jax.checkpoint(lambda args: _xla_attention(args[0], key, value, args[1]))
+    out = jax.lax.map(body, (q, mask))  # [chunks, batch, chunk, heads, head_dim]
+    return jnp.moveaxis(out, 0, 1).reshape(batch, chunks * QUERY_CHUNK, heads, head_dim)[:, :q_len]
+
+
+def _xla_attention(query, key, value, mask):
+    batch, q_len, heads, head_dim = query.shape
+    kv_len, kv_heads = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    # Lay the query heads of each KV group along the rows, so both products are plain batched
+    # GEMMs over (batch, kv_head) in the forward and the backward pass.
+    q = query.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(batch, kv_heads, groups * q_len, head_dim)
+    k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [b, kv, s, d]
+    logits = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+    logits = logits.reshape(batch, kv_heads, groups, q_len, kv_len) * (head_dim ** -0.5)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (batch, 1, q_len, kv_len))[:, :, None]  # [b, 1, 1, q, s]
+        logits = jnp.where(mask, logits, _MASKED)
+    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype).reshape(batch, kv_heads, groups * q_len, kv_len)
+    out = jnp.matmul(weights, v, preferred_element_type=jnp.float32).reshape(batch, kv_heads, groups, q_len, head_dim)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim).astype(query.dtype)
 
 def causal_padding_mask(attention_mask: jnp.ndarray) -> jnp.ndarray:
     """[batch, 1, seq, seq] bool: causal, and keys restricted to real (non-pad) tokens.

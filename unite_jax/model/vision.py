@@ -62,7 +62,7 @@ def vision_tower(params: dict, patches: jnp.ndarray, segment_ids: jnp.ndarray, p
     if patches.shape[1] % v.merge_unit:
         raise ValueError(f"patch rows must hold a multiple of {v.merge_unit} patches, got {patches.shape[1]}")
     # Conv3d with kernel == stride over a flattened patch is a single matmul.
-    x = jnp.matmul(patches.astype(dtype), params["patch_embed"]["proj"]["kernel"].astype(dtype))
+    x = linear(patches, params["patch_embed"]["proj"], dtype)
     cos, sin = vision_rope(patch_positions, v.head_dim, v.rope_theta)
 
     def body(carry, layer_params):
