@@ -168,7 +168,9 @@ def _device_put_in_place(tree: dict, sharding) -> dict:
         if isinstance(value, dict):
             _device_put_in_place(value, sharding)
         else:
-            tree[key] = jax.device_put(value, sharding)
+            # wait for each copy: an async transfer would keep every host leaf alive until all finish
+            tree[key] = jax.block_until_ready(jax.device_put(value, sharding))
+            del value
     return tree
 
 
