@@ -31,7 +31,6 @@ def high_water_mark() -> int:
 
 def worker(model_dir: str, dtype: str, stage: str) -> None:
     import jax
-    import numpy as np
 
     from unite_jax.api import _device_put_in_place
     from unite_jax.convert.hf import load_hf_params

@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -126,6 +126,7 @@ class Embedder:
         batch = {key: jax.device_put(batch[key], self._data_sharding) for key in BATCH_KEYS}
         return self._forward(self.params, batch, self.cfg.replace(vision_block=vision_block))
 
+
 def prepare_item(item: dict, index: int, tokenizer: PromptTokenizer, processor: media.ProcessorConfig,
                  max_text_tokens: int | None = 2048) -> PackableInput:
     """One input item -> its tokenised prompt and pre-processed media; errors name the item index."""
@@ -144,7 +145,7 @@ def prepare_item(item: dict, index: int, tokenizer: PromptTokenizer, processor: 
         visions += [("video", *media.preprocess_video(src, processor))
                     for src in _as_list(item.get("video"), kind="video")]
     except (ValueError, TypeError, OSError) as e:  # MediaError is a ValueError
-        raise type(e)(f"item {index}: {e}") from e
+        raise _with_item_index(e, index) from e
     if not visions and not (text and text.strip()):
         raise ValueError(f"item {index}: empty input (no text, image or video)")
     merge_unit = processor.merge_size**2
@@ -156,6 +157,15 @@ def prepare_item(item: dict, index: int, tokenizer: PromptTokenizer, processor: 
         raise ValueError(f"item {index}: {e}") from e
     return PackableInput(prompt.input_ids, [p for _, p, _ in visions],
                          [tuple(int(g) for g in np.ravel(grid)) for _, _, grid in visions], prompt.vision_runs)
+
+
+def _with_item_index(error: Exception, index: int) -> Exception:
+    """The same kind of error with the item index in front of its message."""
+    message = f"item {index}: {error}"
+    try:
+        return type(error)(message)
+    except TypeError:  # an exception class whose constructor needs more than a message
+        return ValueError(message)
 
 
 def _device_put_in_place(tree: dict, sharding) -> dict:
