@@ -22,7 +22,6 @@ import numpy as np
 from unite_jax.data.media import vision_rope_positions
 
 
-
 def geometric_buckets(start: int, stop: int, multiple: int) -> tuple[int, ...]:
     """Sizes from `start` to `stop` in quarter-octave steps, rounded up to `multiple`.
 
