@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates (or reuses) the project's virtualenv in .venv and installs the package with its test extra.
+# Creates (or reuses) the project's virtualenv in .venv and installs the package with its test and demo extras.
 # torch is pinned to the CPU build (2.13.0); it is only the tests' reference implementation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,4 +8,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,demo]"

@@ -42,7 +42,7 @@ def reference_loss(query, candidate, modality, *, temperature, mask, symmetric, 
             for k in range(negatives.shape[1]):
                 columns.append(negatives[row, k])
                 column_modality.append(negative_modality[row, k])
-                column_valid.append(valid[row])
+                column_valid.append(valid[row] and negative_modality[row, k] != 0)  # 0 = no negative
     rows = [i for i in range(batch) if valid[i]]
     if not rows:
         return 0.0
@@ -628,3 +628,21 @@ def test_gradcache_bad_inputs_raise():
     with pytest.raises(ValueError, match="batch_layout"):
         gradcache.gradcache_value_and_grad(mlp_embed, loss_fn, params, queries, candidates, num_chunks=2,
                                            batch_layout="rows")
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_absent_hard_negatives_are_not_columns(mask):
+    """Code 0 marks an example without a hard negative: no row may see that column, masked or not."""
+    rng = np.random.default_rng(7)
+    query, candidate, negative = normalised(rng, 6, 4), normalised(rng, 6, 4), normalised(rng, 6, 4)
+    modality = np.array([1, 2, 1, 3, 2, 1], np.int32)
+    negative_modality = np.array([1, 0, 2, 0, 2, 1], np.int32)
+    loss, _ = mamcl_loss(jnp.asarray(query), jnp.asarray(candidate), jnp.asarray(modality), temperature=0.05,
+                         modality_mask=mask, hard_negative=jnp.asarray(negative),
+                         hard_negative_modality=jnp.asarray(negative_modality))
+    expected = reference_loss(query, candidate, modality, temperature=0.05, mask=mask, symmetric=False,
+                              hard_negative=negative, hard_negative_modality=negative_modality)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    # the present negatives do count (the absent ones are what the reference leaves out)
+    without_negatives = reference_loss(query, candidate, modality, temperature=0.05, mask=mask, symmetric=False)
+    assert abs(expected - without_negatives) > 1e-3

@@ -63,11 +63,14 @@ class Embedder:
                         attention_impl: str | None = None, max_text_tokens: int | None = 2048,
                         **processor_overrides: Any) -> "Embedder":
         """Loads a Hugging Face Qwen2-VL / UNITE directory (config.json, *.safetensors, tokenizer.json,
-        preprocessor_config.json).
+        preprocessor_config.json), or an Orbax model directory of this project (unite_model.json,
+        params/, tokenizer and pre-processor files), or a training workdir whose stage finished
+        (its model/ directory).
 
         dtype: parameter and compute dtype; default float32 on CPU (bit-faithful to the
         reference) and bfloat16 on GPU/TPU. positions: "sequential" (UNITE) or "mrope".
         """
+        from unite_jax.convert import orbax_model
         from unite_jax.convert.hf import load_hf_params
 
         if not os.path.isdir(model_dir):
@@ -75,11 +78,20 @@ class Embedder:
         platform = jax.default_backend()
         dtype = dtype or ("float32" if platform == "cpu" else "bfloat16")
         attention_impl = attention_impl or ("cudnn" if platform == "gpu" and dtype != "float32" else "xla")
-        cfg = ModelConfig.from_pretrained(model_dir, positions=positions, compute_dtype=dtype, param_dtype=dtype,
-                                          attention_impl=attention_impl)
-        tokenizer = PromptTokenizer.from_pretrained(model_dir)
-        processor = media.ProcessorConfig.from_pretrained(model_dir, **processor_overrides)
-        params = load_hf_params(model_dir, cfg, dtype=dtype)
+        run_options = dict(positions=positions, compute_dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
+        orbax_dir = None if orbax_model.is_hf_dir(model_dir) else orbax_model.find_model_dir(model_dir)
+        if orbax_dir is not None:  # the tokenizer and pre-processor files travel inside the model directory
+            cfg = orbax_model.config_from_meta(orbax_model.read_meta(orbax_dir), orbax_dir, **run_options)
+            asset_dir = orbax_dir
+        else:
+            cfg = ModelConfig.from_pretrained(model_dir, **run_options)
+            asset_dir = model_dir
+        tokenizer = PromptTokenizer.from_pretrained(asset_dir)
+        processor = media.ProcessorConfig.from_pretrained(asset_dir, **processor_overrides)
+        if orbax_dir is not None:
+            params, _, _ = orbax_model.load_model_dir(orbax_dir, dtype=dtype)
+        else:
+            params = load_hf_params(model_dir, cfg, dtype=dtype)
         return cls(params, cfg, tokenizer, processor, max_text_tokens=max_text_tokens)
 
     # ------------------------------------------------------------------ host side

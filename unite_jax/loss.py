@@ -173,16 +173,17 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_known_codes(name: str, codes, valid) -> None:
+def _check_known_codes(name: str, codes, valid, allow_absent: bool = False) -> None:
     """Raises when a concrete modality array holds a code outside 1..7 in a valid row.
 
     codes: [batch] or [batch, negatives]; valid: [batch] bool or None. Rows known
-    to be padding (concrete valid == False) may hold anything.
+    to be padding (concrete valid == False) may hold anything; allow_absent also
+    accepts 0 (a hard negative an example does not have).
     """
     if not _is_concrete(codes):
         return
     values = np.asarray(codes)
-    bad = (values < 1) | (values > KNOWN_MODALITY_BITS)
+    bad = (values < (0 if allow_absent else 1)) | (values > KNOWN_MODALITY_BITS)
     if valid is not None and _is_concrete(valid):
         keep = np.asarray(valid).astype(bool)
         bad = bad & keep.reshape(keep.shape + (1,) * (values.ndim - 1))
@@ -262,7 +263,7 @@ def _prepare_inputs(query, candidate, candidate_modality, hard_negative, hard_ne
         else:
             raise ValueError(f"hard_negative has shape {tuple(hard_negative.shape)}, expected "
                              f"[batch, dim] = ({batch}, {dim}) or [batch, K, dim] = ({batch}, K, {dim})")
-        _check_known_codes("hard_negative_modality", hard_negative_modality, valid)
+        _check_known_codes("hard_negative_modality", hard_negative_modality, valid, allow_absent=True)
         # One layout inside: [batch, K, dim] and [batch, K].
         hard_negative = jnp.asarray(hard_negative).reshape(batch, -1, dim)
         hard_negative_modality = jnp.asarray(hard_negative_modality, jnp.int32).reshape(batch, -1)
@@ -283,7 +284,8 @@ def _debug_check_values(query, candidate, modality, valid, hard_negative, hard_n
         codes.append(("hard_negative_modality", np.asarray(hard_negative_modality)))
         vectors.append(("hard_negative", np.asarray(hard_negative, np.float64)))
     for name, values in codes:
-        bad = ((values < 1) | (values > KNOWN_MODALITY_BITS)) & keep[:, None]
+        lowest = 0 if name == "hard_negative_modality" else 1  # 0 = this example has no hard negative
+        bad = ((values < lowest) | (values > KNOWN_MODALITY_BITS)) & keep[:, None]
         if bad.any():
             row = int(np.argwhere(bad)[0][0])
             problems.append(f"{name} row {row} holds {values[row].tolist()}, "
@@ -490,7 +492,8 @@ def _candidate_columns(candidate, modality, valid, hard_negative, hard_negative_
     return _Columns(
         jnp.concatenate([candidate.astype(dtype), hard_negative.reshape(-1, hard_negative.shape[-1]).astype(dtype)]),
         jnp.concatenate([modality, hard_negative_modality.reshape(-1)]),
-        jnp.concatenate([valid, jnp.repeat(valid, negatives)]))
+        # a negative with code 0 is absent (its example had none): it is not a column for any row
+        jnp.concatenate([valid, jnp.repeat(valid, negatives) & (hard_negative_modality.reshape(-1) != 0)]))
 
 
 def _masked_counts(row_modality, columns: _Columns, use_mask: bool):
@@ -570,7 +573,8 @@ def mamcl_loss(query, candidate, candidate_modality, *, temperature=0.03, modali
       modality_mask: keep only columns whose modality equals the row's positive's (False: plain InfoNCE).
       symmetric: average with the unmasked candidate->query term.
       hard_negative: [batch, dim] or [batch, K, dim]; every row sees all of them as extra columns.
-      hard_negative_modality: [batch] or [batch, K] codes of the hard negatives.
+      hard_negative_modality: [batch] or [batch, K] codes of the hard negatives; 0 = absent (that
+        example has no hard negative: its column is left out for every row).
       valid: [batch] bool; False rows are padding (neither queries nor negatives).
       chunk_size: None (dense [batch, columns] logits) or N > 0 (blockwise over N columns at a time).
     Returns:

@@ -73,7 +73,7 @@ def name_table(cfg: ModelConfig, layout: str = "4.x") -> list[TensorMapping]:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     table = []
-    for path, shape in _flatten(param_shapes(cfg)).items():
+    for path, shape in flatten_tree(param_shapes(cfg)).items():
         stacked = len(path) > 1 and path[1] in _STACKED
         kind = _kind(path)
         layer_shape = shape[1:] if stacked else shape
@@ -167,7 +167,7 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: Any = None) -> Param
     table = name_table(cfg, layout)
     _check_checkpoint(checkpoint, table, cfg, layout)
     params = _allocate(param_shapes(cfg), dtype)
-    leaves = _flatten(params)
+    leaves = flatten_tree(params)
     # Read in file order so each file is scanned front to back once.
     for m in sorted(table, key=lambda m: (checkpoint.info(m.hf_name).path, checkpoint.info(m.hf_name).begin)):
         dst = leaves[m.path] if m.layer is None else leaves[m.path][m.layer]
@@ -274,8 +274,8 @@ def _dominant_dtype(specs: list[st.PendingTensor]) -> np.dtype:
 
 def _check_tree(params: Params, cfg: ModelConfig) -> dict[tuple[str, ...], Any]:
     """The flattened tree, after checking its paths and shapes against `param_shapes(cfg)`."""
-    expected = _flatten(param_shapes(cfg))
-    leaves = _flatten(params)
+    expected = flatten_tree(param_shapes(cfg))
+    leaves = flatten_tree(params)
     missing = ["/".join(p) for p in expected if p not in leaves]
     extra = ["/".join(p) for p in leaves if p not in expected]
     if missing or extra:
@@ -289,13 +289,13 @@ def _check_tree(params: Params, cfg: ModelConfig) -> dict[tuple[str, ...], Any]:
 
 
 # ---------------------------------------------------------------- helpers
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+def flatten_tree(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
     """{("visual", "blocks", ...): leaf} for a nested dict; anything not a Mapping is a leaf."""
     flat: dict[tuple[str, ...], Any] = {}
     for key, value in tree.items():
         path = prefix + (str(key),)
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, path))
+            flat.update(flatten_tree(value, path))
         else:
             flat[path] = value
     return flat

@@ -25,6 +25,7 @@ Videos are sampled like qwen-vl-utils' `smart_nframes` (see `sample_frame_indice
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -406,10 +407,27 @@ def _resize_and_normalize(image: Image.Image, height: int, width: int, cfg: Proc
     if image.size != (width, height):
         image = image.resize((width, height), resample=Image.Resampling.BICUBIC)
     pixels = np.asarray(image, dtype=np.uint8)
-    scaled = (pixels.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-    mean = np.asarray(cfg.image_mean, dtype=np.float32)
-    std = np.asarray(cfg.image_std, dtype=np.float32)
-    return (scaled - mean) / std
+    # That arithmetic depends only on (channel, uint8 level): look it up instead of computing it
+    # per pixel (same bits, about 3x faster; this step dominates training-data pre-processing).
+    # Channel planes keep the lookups contiguous; the [H, W, 3] result is a view of them.
+    table = _normalize_table(cfg.rescale_factor, cfg.image_mean, cfg.image_std)
+    planes = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    out = np.empty(planes.shape, np.float32)
+    for channel in range(3):
+        np.take(table[channel], planes[channel], out=out[channel], mode="clip")
+    return out.transpose(1, 2, 0)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalize_table(rescale_factor: float, mean: tuple, std: tuple) -> np.ndarray:
+    """float32 [3, 256]: the normalised value of every uint8 level in each channel, computed the
+    reference's way (float64 multiply by rescale_factor, cast to float32, float32 (x - mean) / std)."""
+    levels = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
+    mean = np.asarray(mean, dtype=np.float32)[:, None]
+    std = np.asarray(std, dtype=np.float32)[:, None]
+    table = (levels[None, :] - mean) / std
+    table.flags.writeable = False
+    return table
 
 
 def patchify(

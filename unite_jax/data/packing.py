@@ -134,14 +134,40 @@ def choose_shapes(items: list[PackableInput], num_shards: int, rows_per_shard: i
     return seq_len, block * bucket(max(blocks, 1), BLOCK_COUNT_BUCKETS), block
 
 
+def tile_offsets(slices: list[tuple], block: int, share_tiles: bool = True) -> tuple[list[int], int]:
+    """Patch offset of each vision slice (row, media, temporal index, h, w) of one shard, and the tiles used.
+
+    share_tiles=True: all slices of the shard are placed first fit into tiles of `block` patches.
+    share_tiles=False: each row's slices are placed first fit into tiles of that row alone, the rows'
+    tiles following each other; a shard whose every row needs at most k tiles then needs at most
+    rows * k tiles, whatever the other rows hold (the static budget of training batches).
+    """
+    if share_tiles:
+        return first_fit([h * w for (_, _, _, h, w) in slices], block)
+    offsets, used, start = [], 0, 0
+    while start < len(slices):
+        end = start
+        while end < len(slices) and slices[end][0] == slices[start][0]:
+            end += 1
+        row_offsets, row_tiles = first_fit([h * w for (_, _, _, h, w) in slices[start:end]], block)
+        offsets += [used * block + offset for offset in row_offsets]
+        used += row_tiles
+        start = end
+    return offsets, used
+
+
 def pack_batch(items: list[PackableInput], *, num_shards: int, rows_per_shard: int, seq_len: int,
                patch_budget: int, pad_id: int, patch_dim: int, merge_size: int = 2,
-               position_mode: str = "sequential", vision_block: int = 0) -> dict[str, np.ndarray]:
+               position_mode: str = "sequential", vision_block: int = 0,
+               share_tiles: bool = True, patches_out: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Packs up to num_shards * rows_per_shard inputs (item i goes to shard i // rows_per_shard).
 
     Each (media, temporal slice) is placed inside one block of `vision_block` patches (first fit;
-    0 = the whole row is one block), so the vision tower can attend tile by tile. Raises
-    ValueError when an input is longer than seq_len or a shard's slices do not fit patch_budget;
+    0 = the whole row is one block), so the vision tower can attend tile by tile. With
+    share_tiles=False no tile holds slices of two rows (see `tile_offsets`). patches_out: an
+    all-zero float32 [num_shards, patch_budget, patch_dim] buffer to pack the patches into (e.g.
+    shared memory), instead of a new array. Raises ValueError
+    when an input is longer than seq_len or a shard's slices do not fit patch_budget;
     `choose_shapes` picks buckets that fit.
     """
     rows = num_shards * rows_per_shard
@@ -155,7 +181,13 @@ def pack_batch(items: list[PackableInput], *, num_shards: int, rows_per_shard: i
     input_ids = np.full((rows, seq_len), pad_id, np.int32)
     attention_mask = np.zeros((rows, seq_len), np.int32)
     position_ids = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, 3, seq_len)).copy()
-    patches = np.zeros((num_shards, patch_budget, patch_dim), np.float32)
+    if patches_out is None:
+        patches = np.zeros((num_shards, patch_budget, patch_dim), np.float32)
+    elif patches_out.shape != (num_shards, patch_budget, patch_dim) or patches_out.dtype != np.float32:
+        raise ValueError(f"patches_out is {patches_out.dtype} {patches_out.shape}, expected float32 "
+                         f"{(num_shards, patch_budget, patch_dim)}")
+    else:
+        patches = patches_out
     segment_ids = np.full((num_shards, patch_budget), -1, np.int32)
     patch_positions = np.zeros((num_shards, patch_budget, 2), np.int32)
     dump_slot = rows_per_shard * seq_len
@@ -182,7 +214,7 @@ def pack_batch(items: list[PackableInput], *, num_shards: int, rows_per_shard: i
                 raise ValueError(f"input {row}: media of grid {grid} has {count} patches for {length} pad tokens")
 
     for shard, slices in enumerate(_slices_per_shard(items, num_shards, rows_per_shard)):
-        offsets, blocks = first_fit([h * w for (_, _, _, h, w) in slices], block)
+        offsets, blocks = tile_offsets(slices, block, share_tiles)
         if blocks * block > patch_budget:
             raise ValueError(f"shard {shard} needs {blocks} vision blocks of {block} patches, more than the patch "
                              f"budget {patch_budget}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -96,6 +97,11 @@ class ModelConfig:
     # slice) inside one tile, so attention is exact and costs O(patches * vision_block) instead of
     # O(patches^2). 0 = one tile per packed row. Chosen per batch by the packer (`vision_block_for`).
     vision_block: int = 0
+    # LoRA on the LLM's linear layers (model/lora.py). Both only act where the parameter tree carries
+    # `lora_a`/`lora_b` leaves (`with_lora`): scale = alpha / rank multiplies the LoRA branch, and
+    # dropout (inverted, on the LoRA branch input only) runs when the forward is given an rng.
+    lora_scale: float = 0.0
+    lora_dropout: float = 0.0
 
     def __post_init__(self):
         if self.positions not in POSITION_MODES:
@@ -104,6 +110,10 @@ class ModelConfig:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
+        if not math.isfinite(self.lora_scale):
+            raise ValueError(f"lora_scale must be a finite number, got {self.lora_scale!r}")
         if sum(self.text.mrope_section) * 2 != self.text.head_dim:
             raise ValueError(
                 f"mrope_section {self.text.mrope_section} must sum to head_dim/2 = {self.text.head_dim // 2}"

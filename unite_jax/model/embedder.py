@@ -41,12 +41,15 @@ def input_embeddings(params: dict, batch: dict, cfg: ModelConfig) -> jnp.ndarray
     return slots[:, :-1].reshape(num_rows, seq, hidden)
 
 
-def embed(params: dict, batch: dict, cfg: ModelConfig) -> jnp.ndarray:
+def embed(params: dict, batch: dict, cfg: ModelConfig, rng=None) -> jnp.ndarray:
     """[batch, hidden] float32 L2-normalised UNITE embeddings (last position, after the final norm).
 
     Rows are left-padded and end with <|endoftext|>, so the pooled token is always the last column.
+    rng: PRNG key for LoRA dropout in the LLM (params from `lora.with_lora`), or None for a deterministic
+    forward. The vision tower is frozen and has no dropout. For GradCache use
+    `lambda p, b, k=None: embed(p, b, cfg, k)`.
     """
     embeds = input_embeddings(params, batch, cfg)
-    hidden = text_model(params["model"], embeds, batch["attention_mask"], batch["position_ids"], cfg)
+    hidden = text_model(params["model"], embeds, batch["attention_mask"], batch["position_ids"], cfg, rng=rng)
     last = hidden[:, -1].astype(jnp.float32)
     return last / jnp.maximum(jnp.linalg.norm(last, axis=-1, keepdims=True), 1e-12)

@@ -6,18 +6,45 @@ import jax
 import jax.numpy as jnp
 
 
-def linear(x: jnp.ndarray, p: dict, dtype) -> jnp.ndarray:
-    """x [..., in] @ kernel [in, out] (+ bias), matmul in `dtype`.
+def linear(x: jnp.ndarray, p: dict, dtype, *, lora_scale: float = 0.0, dropout_rate: float = 0.0,
+           rng=None) -> jnp.ndarray:
+    """x [..., in] @ kernel [in, out] (+ bias), matmul in `dtype`; plus a LoRA branch when `p` has one.
 
     The leading axes are flattened first so that the weight gradient in the
     backward pass is one plain GEMM (a dot contracting several axes at once
     misses the fast GEMM path on XLA:CPU and runs several times slower).
+
+    When `p` holds `lora_a` [in, rank] and `lora_b` [rank, out] (see model/lora.py):
+        y = x @ kernel (+ bias) + lora_scale * ((dropout(x) @ lora_a) @ lora_b)
+    with both LoRA matmuls in `dtype`. The dropout is inverted dropout on the
+    LoRA branch input only (the base path always sees x), applied only when
+    `rng` is given and `dropout_rate` > 0: keep = jax.random.bernoulli(rng,
+    1 - dropout_rate, x.shape), dropout(x) = where(keep, x / (1 - dropout_rate), 0).
     """
+    x2 = x.astype(dtype).reshape(-1, x.shape[-1])
     kernel = p["kernel"].astype(dtype)
-    y = jnp.matmul(x.astype(dtype).reshape(-1, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+    y = jnp.matmul(x2, kernel)
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
-    return y
+    if "lora_a" in p or "lora_b" in p:
+        if "lora_a" not in p or "lora_b" not in p:
+            raise ValueError(f"a LoRA linear needs both 'lora_a' and 'lora_b', got keys {sorted(p)}")
+        if isinstance(lora_scale, (int, float)) and lora_scale == 0:
+            # A zero scale would silently train nothing: the caller forgot ModelConfig.lora_scale.
+            raise ValueError("the linear carries lora_a/lora_b but lora_scale is 0; set ModelConfig.lora_scale = "
+                             "lora.lora_scale(alpha, rank)")
+        y = y + lora_scale * _lora_branch(x, x2, p, dtype, dropout_rate, rng)
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def _lora_branch(x, x2, p: dict, dtype, dropout_rate: float, rng) -> jnp.ndarray:
+    """(dropout(x) @ lora_a) @ lora_b over the flattened rows x2 [rows, in] -> [rows, out], in `dtype`."""
+    if rng is not None and dropout_rate > 0:
+        keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, x.shape).reshape(x2.shape)
+        # rescale in float32 so a bf16 input is rounded once, not also by a rounded 1 / (1 - rate)
+        kept = (x2.astype(jnp.float32) / (1.0 - dropout_rate)).astype(dtype)
+        x2 = jnp.where(keep, kept, jnp.zeros((), dtype))
+    return jnp.matmul(jnp.matmul(x2, p["lora_a"].astype(dtype)), p["lora_b"].astype(dtype))
 
 
 def layer_norm(x: jnp.ndarray, p: dict, eps: float) -> jnp.ndarray:

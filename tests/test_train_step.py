@@ -1,0 +1,110 @@
+"""The train step's chunk modes against independent computations on the tiny embedder."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from unite_jax.api import prepare_item
+from unite_jax.data.media import ProcessorConfig
+from unite_jax.data.packing import pack_batch
+from unite_jax.data.tokenize import PromptTokenizer
+from unite_jax.loss import mamcl_loss
+from unite_jax.model.config import preset
+from unite_jax.model.embedder import BATCH_KEYS, embed
+from unite_jax.model.params import init_params
+from unite_jax.train.state import create_state
+from unite_jax.train.step import LossSettings, loss_and_grads, train_step
+
+CFG = preset("tiny", vision_block=64)
+PROCESSOR = ProcessorConfig(min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28)
+
+
+def _stream(items, tokenizer, rows):
+    prepared = [prepare_item(item, i, tokenizer, PROCESSOR, 64) for i, item in enumerate(items)]
+    packed = pack_batch(prepared, num_shards=1, rows_per_shard=rows, seq_len=96, patch_budget=rows * 64,
+                        pad_id=tokenizer.pad_id, patch_dim=CFG.vision.patch_dim, vision_block=64, share_tiles=False)
+    return {key: jnp.asarray(packed[key]) for key in BATCH_KEYS}
+
+
+def _batch(tokenizer, chunks=2, rows=3):
+    """[chunks] packed sub-batches of `rows` examples: text queries, image or text candidates."""
+    rng = np.random.default_rng(0)
+    words = ["cat", "dog", "red", "park", "moon", "clock", "horse", "coffee", "rocket", "brick", "grass", "coins"]
+    queries, candidates, codes = [], [], []
+    for c in range(chunks):
+        q_items, c_items, chunk_codes = [], [], []
+        for r in range(rows):
+            q_items.append({"text": f"a {words[(c * rows + r) % 12]} near the {words[(c + r * 5) % 12]}"})
+            if r % 2:
+                c_items.append({"image": rng.integers(0, 256, (56, 56, 3), np.uint8)})
+                chunk_codes.append(2)
+            else:
+                c_items.append({"text": f"the {words[(c * rows + r + 3) % 12]}"})
+                chunk_codes.append(1)
+        queries.append(_stream(q_items, tokenizer, rows))
+        candidates.append(_stream(c_items, tokenizer, rows))
+        codes.append(chunk_codes)
+    stack = lambda streams: {k: jnp.stack([s[k] for s in streams]) for k in BATCH_KEYS}  # noqa: E731
+    return {"query": stack(queries), "candidate": stack(candidates),
+            "candidate_modality": jnp.asarray(codes, jnp.int32), "valid": jnp.ones((chunks, rows), bool)}
+
+
+def test_chunk_modes_match_independent_computations(tiny_tokenizer_dir):
+    tokenizer = PromptTokenizer.from_pretrained(tiny_tokenizer_dir)
+    params = jax.tree.map(jnp.asarray, init_params(CFG, seed=3, std=0.05))
+    batch = _batch(tokenizer)
+    settings = LossSettings(temperature=0.05, modality_mask=True)
+    kwargs = dict(cfg=CFG, settings=settings, use_lora=False, has_negatives=False)
+
+    def chunk_loss(p, c):
+        q = embed(p, {k: batch["query"][k][c] for k in BATCH_KEYS}, CFG)
+        e = embed(p, {k: batch["candidate"][k][c] for k in BATCH_KEYS}, CFG)
+        return q, e
+
+    # accumulate: the mean over chunks of each chunk's own loss
+    def accumulated_reference(p):
+        losses = []
+        for c in range(2):
+            q, e = chunk_loss(p, c)
+            losses.append(mamcl_loss(q, e, batch["candidate_modality"][c], temperature=0.05)[0])
+        return sum(losses) / 2
+
+    loss, _, grads = loss_and_grads(params, {}, batch, None, accumulate=True, **kwargs)
+    ref_loss, ref_grads = jax.value_and_grad(accumulated_reference)(params)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-6, rtol=1e-4)
+
+    # gradcache: one loss over the union of the chunks (every chunk's candidates are negatives)
+    def whole_batch_reference(p):
+        pairs = [chunk_loss(p, c) for c in range(2)]
+        q = jnp.concatenate([a for a, _ in pairs])
+        e = jnp.concatenate([b for _, b in pairs])
+        return mamcl_loss(q, e, batch["candidate_modality"].reshape(-1), temperature=0.05)[0]
+
+    loss, _, grads = loss_and_grads(params, {}, batch, None, accumulate=False, **kwargs)
+    ref_loss, ref_grads = jax.value_and_grad(whole_batch_reference)(params)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-6, rtol=1e-4)
+    assert abs(float(loss) - float(accumulated_reference(params))) > 1e-4  # the two objectives differ
+
+
+def test_nonfinite_update_is_not_applied(tiny_tokenizer_dir):
+    tokenizer = PromptTokenizer.from_pretrained(tiny_tokenizer_dir)
+    params = jax.tree.map(jnp.asarray, init_params(CFG, seed=3, std=0.05))
+    batch = _batch(tokenizer, chunks=1)
+    tx = optax.sgd(1.0)
+    state = create_state(params, tx, seed=0)
+    poisoned = jax.tree.map(lambda x: x, params)
+    poisoned["model"]["norm"]["weight"] = poisoned["model"]["norm"]["weight"].at[0].set(jnp.nan)
+    state = state.replace(trainable=poisoned)
+    new_state, metrics = train_step(state, {}, batch, cfg=CFG, settings=LossSettings(), tx=tx,
+                                    schedule=lambda step: 1.0, use_lora=False, has_negatives=False)
+    assert float(metrics["finite"]) == 0.0
+    assert int(new_state.step) == 1
+    for new, old in zip(jax.tree.leaves(new_state.trainable), jax.tree.leaves(poisoned)):
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
