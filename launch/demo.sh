@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo, end to end on a CPU (about 10 minutes on 2 cores):
+# The demo, end to end on a CPU (about 6 minutes on 2 cores once .venv exists):
 #   1. set up .venv (launch/setup_env.sh);
 #   2. build the demo dataset (digits, photos and moving-digit videos from data shipped in scikit-learn and
 #      scikit-image; a few MB, deterministic);
@@ -31,7 +31,7 @@ echo "== evaluation of the final model on held-out data"
 TASKS="t2i_digits i2t_digits i2t_photos t2v_motion mmeb_digit_cls mmeb_motion_dir"
 for task in $TASKS; do
   $PY launch/eval.py --model="$OUT/stage2" --queries="$EVAL/$task/queries.jsonl" \
-    --candidates="$EVAL/$task/candidates.jsonl" --output="$OUT/eval_$task.json" 2>/dev/null
+    --candidates="$EVAL/$task/candidates.jsonl" --output="$OUT/eval_$task.json"
 done
 # recall@1 of the random init (stage 1's first evaluation), of the final model, and of a random ranking
 $PY - "$OUT" $TASKS <<'PY'
