@@ -80,6 +80,14 @@ def test_stage1_learns_and_stage2_starts_from_it(manifest, tmp_path):
     meta = json.load(open(os.path.join(stage2, "model", "unite_model.json")))
     assert meta["lora"]["rank"] == 4 and meta["lora"]["merged"]
 
+    # A run killed after its final checkpoint but before writing model/ finishes the job when rerun.
+    import shutil
+
+    shutil.rmtree(os.path.join(stage2, "model"))
+    train(tiny_config("stage2", manifest, **{"model.init": stage1, "lora.rank": 4, "train.learning_rate": 0.0,
+                                             "train.steps": 2}), stage2)
+    assert_trees_close(final_params(stage2), final_params(stage1), atol=0.0)
+
     # Rerunning a finished stage does nothing.
     again = train(tiny_config("stage2", manifest, **{"model.init": stage1, "lora.rank": 4,
                                                      "train.learning_rate": 0.0, "train.steps": 2}), stage2)

@@ -268,7 +268,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 run_eval(done)
         if pending is not None:
             last_metrics = _report(pending, config, total_steps, throughput, metrics_log, stage, iterator)
-        checkpointer.save(total_steps, state, data_state, meta, force=True)
+        if checkpointer.latest_step() != total_steps:  # a rerun after the final save has nothing to add
+            checkpointer.save(total_steps, state, data_state, meta, force=True)
         checkpointer.wait()
     finally:
         batches.close() if hasattr(batches, "close") else None
