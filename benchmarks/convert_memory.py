@@ -21,15 +21,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
-
-def high_water_mark() -> int:
-    """Peak resident memory of this process in bytes (VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+from load_memory import high_water_mark  # noqa: E402
 
 
 def worker(stage: str, src: str, dst: str, weights: int, group_bytes: int) -> None:

@@ -274,18 +274,26 @@ def _dominant_dtype(specs: list[st.PendingTensor]) -> np.dtype:
 
 def _check_tree(params: Params, cfg: ModelConfig) -> dict[tuple[str, ...], Any]:
     """The flattened tree, after checking its paths and shapes against `param_shapes(cfg)`."""
-    expected = flatten_tree(param_shapes(cfg))
     leaves = flatten_tree(params)
-    missing = ["/".join(p) for p in expected if p not in leaves]
-    extra = ["/".join(p) for p in leaves if p not in expected]
+    missing, extra, wrong = tree_mismatches(cfg, {p: tuple(np.shape(x)) for p, x in leaves.items()})
     if missing or extra:
         raise CheckpointError(f"parameter tree does not match the config: missing {_listing(missing)}, "
                               f"unexpected {_listing(extra)}")
-    wrong = [f"{'/'.join(p)}: shape {list(np.shape(leaves[p]))}, expected {list(s)}"
-             for p, s in expected.items() if tuple(np.shape(leaves[p])) != s]
     if wrong:
         raise CheckpointError("parameter tree does not match the config:\n  " + "\n  ".join(wrong))
     return leaves
+
+
+def tree_mismatches(cfg: ModelConfig, shapes: Mapping[tuple[str, ...], tuple[int, ...]]
+                    ) -> tuple[list[str], list[str], list[str]]:
+    """(missing paths, unexpected paths, "path: shape [..], expected [..]" lines) of a flattened tree's
+    shapes against `param_shapes(cfg)`; wrong shapes are only listed for paths present in both."""
+    expected = flatten_tree(param_shapes(cfg))
+    missing = ["/".join(p) for p in expected if p not in shapes]
+    extra = ["/".join(p) for p in shapes if p not in expected]
+    wrong = [f"{'/'.join(p)}: shape {list(shapes[p])}, expected {list(s)}"
+             for p, s in expected.items() if p in shapes and tuple(shapes[p]) != tuple(s)]
+    return missing, extra, wrong
 
 
 # ---------------------------------------------------------------- helpers

@@ -48,7 +48,7 @@ import jax
 import numpy as np
 
 from unite_jax.convert import safetensors_io as st
-from unite_jax.convert.hf import flatten_tree
+from unite_jax.convert.hf import flatten_tree, tree_mismatches
 from unite_jax.model.config import ModelConfig
 from unite_jax.model.params import Params, param_shapes
 
@@ -423,14 +423,10 @@ class _LeafReader:
 def _check_leaves(stored: Mapping[tuple[str, ...], tuple[tuple[int, ...], np.dtype]], cfg: ModelConfig,
                   where: str) -> None:
     """The checkpoint's leaves must be exactly the config's parameter tree, shape for shape."""
-    expected = flatten_tree(param_shapes(cfg))
-    missing = ["/".join(p) for p in expected if p not in stored]
-    extra = ["/".join(p) for p in stored if p not in expected]
+    missing, extra, wrong = tree_mismatches(cfg, {p: shape for p, (shape, _) in stored.items()})
     if missing or extra:
         raise ModelDirError(f"{where}: parameter tree does not match {MODEL_META}'s config: missing "
                             f"{_names(missing)}, unexpected {_names(extra)}")
-    wrong = [f"{'/'.join(p)}: shape {list(stored[p][0])}, expected {list(s)}"
-             for p, s in expected.items() if stored[p][0] != tuple(s)]
     if wrong:
         raise ModelDirError(f"{where}: parameter shapes do not match {MODEL_META}'s config:\n  " + "\n  ".join(wrong))
     odd = [f"{'/'.join(p)}: {dtype}" for p, (_, dtype) in stored.items() if dtype.kind not in "fV"]
