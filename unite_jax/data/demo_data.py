@@ -254,7 +254,10 @@ class MediaWriter:
         path = self._prepare(relpath, "video")
         height, width = frames.shape[1:3]
         with av.open(path, "w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=fps, options={"crf": "12", "preset": "medium"})
+            # x264 also spawns lookahead threads unless told not to; their timing can change the output
+            options = {"crf": "12", "preset": "medium", "threads": "1",
+                       "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0"}
+            stream = container.add_stream("libx264", rate=fps, options=options)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             stream.codec_context.thread_count = 1
             for frame in frames:
