@@ -244,24 +244,27 @@ class MediaWriter:
         return relpath
 
     def video(self, relpath: str, frames: np.ndarray, fps: int = VIDEO_FPS) -> str:
-        """Saves uint8 [T, H, W, 3] as H.264 MP4 at root/relpath; returns relpath.
+        """Saves uint8 [T, H, W, 3] as lossless H.264 MP4 at root/relpath; returns relpath.
 
-        The encoder runs single-threaded with fixed options, so the same frames give the
-        same bytes on the same machine (x264's output depends on its thread count).
+        Two choices make the decoded frames a function of `frames` alone. The colour
+        conversion is done here in numpy rather than by libswscale, and x264 runs
+        lossless (qp 0), so every macroblock decodes to its input whatever motion search
+        and mode decisions the encoder made. Those decisions were seen to vary from run
+        to run even single-threaded, which made lossy encodes decode to different pixels.
         """
         import av
 
         path = self._prepare(relpath, "video")
         height, width = frames.shape[1:3]
         with av.open(path, "w", format="mp4") as container:
-            # x264 also spawns lookahead threads unless told not to; their timing can change the output
-            options = {"crf": "12", "preset": "medium", "threads": "1",
+            options = {"qp": "0", "preset": "medium", "threads": "1",
                        "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0"}
             stream = container.add_stream("libx264", rate=fps, options=options)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             stream.codec_context.thread_count = 1
             for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                yuv = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")
+                for packet in stream.encode(yuv):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
@@ -272,6 +275,30 @@ class MediaWriter:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.written[kind].append(path)
         return path
+
+
+def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] RGB -> uint8 [H * 3 // 2, W] planar YUV 4:2:0 (Y, then U, then V).
+
+    BT.601 limited range, the matrix decoders assume for untagged H.264, so decoding back
+    to RGB gives the original colours up to rounding. Chroma is the mean of each 2x2
+    block. H and W must be even.
+    """
+    height, width = rgb.shape[:2]
+    if height % 2 or width % 2:
+        raise ValueError(f"YUV 4:2:0 needs even frame sides, got {height}x{width}")
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    luma = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+    blue_diff = 128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0
+    red_diff = 128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0
+
+    def quarter(plane: np.ndarray) -> np.ndarray:
+        return plane.reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
+
+    planes = [luma, quarter(blue_diff), quarter(red_diff)]
+    flat = np.concatenate([np.clip(np.rint(p), 0, 255).astype(np.uint8).ravel() for p in planes])
+    # The layout PyAV reads for yuv420p: the three planes back to back, viewed as rows of W.
+    return flat.reshape(height * 3 // 2, width)
 
 
 def write_json_array(path: str, records: Sequence[dict]) -> int:
