@@ -1,7 +1,7 @@
 """Throughput of the training input pipeline (host side), and host time per batch vs the tiny model's step.
 
 Prints one JSON object per line:
-  {"part": "pipeline", "manifest": "image"|"video", "workers": W, "examples_per_s": ..., "per_core": ...,
+  {"part": "pipeline", "manifest": "image"|"video", "patch_dtype": "uint8"|"float32", "workers": W, "examples_per_s": ..., "per_core": ...,
    "host_ms_per_batch": ..., "cpu_ms_per_example": ..., "examples_per_cpu_s": ...}  examples/s (wall) at
    0, 1 and 2 worker processes (per_core divides by max(W, 1)), and the CPU time (all processes) per
    example: examples_per_cpu_s is the throughput of one fully available core, the number to compare
@@ -134,17 +134,18 @@ def pipeline_part(args, root, tokenizer) -> None:
     for kind, manifest in manifests.items():
         if kind not in args.manifests:
             continue
-        for workers in args.workers:
-            cfg = default_data_config()
-            cfg.train, cfg.num_workers, cfg.seq_len = manifest, workers, 512
-            cfg.patches_per_row = cfg.vision_block = 2048
-            spec = BatchSpec.from_config(cfg, num_chunks=1, local_shards=1, rows_per_shard=args.batch,
-                                         pad_id=tokenizer.pad_id, patch_dim=processor.patch_dim)
-            batches = args.image_batches if kind == "image" else args.video_batches
-            result = measure(cfg, spec, tokenizer, processor, batches)
-            result["per_core"] = round(result["examples_per_s"] / max(workers, 1), 2)
-            emit({"part": "pipeline", "manifest": kind, "workers": workers, **result,
-                  "patches_per_row": cfg.patches_per_row, "seq_len": cfg.seq_len, "cpu_count": os.cpu_count()})
+        for patch_dtype in args.patch_dtypes:
+            for workers in args.workers:
+                cfg = default_data_config()
+                cfg.train, cfg.num_workers, cfg.seq_len, cfg.patch_dtype = manifest, workers, 512, patch_dtype
+                cfg.patches_per_row = cfg.vision_block = 2048
+                spec = BatchSpec.from_config(cfg, num_chunks=1, local_shards=1, rows_per_shard=args.batch,
+                                             pad_id=tokenizer.pad_id, patch_dim=processor.patch_dim)
+                batches = args.image_batches if kind == "image" else args.video_batches
+                result = measure(cfg, spec, tokenizer, processor, batches)
+                result["per_core"] = round(result["examples_per_s"] / max(workers, 1), 2)
+                emit({"part": "pipeline", "manifest": kind, "patch_dtype": patch_dtype, "workers": workers, **result,
+                      "patches_per_row": cfg.patches_per_row, "seq_len": cfg.seq_len, "cpu_count": os.cpu_count()})
 
 
 def step_part(args, root, tokenizer) -> None:
@@ -160,6 +161,7 @@ def step_part(args, root, tokenizer) -> None:
     from unite_jax.model.config import preset
     from unite_jax.model.embedder import embed
     from unite_jax.model.params import init_params
+    from unite_jax.model.pixels import normalize_stream
 
     photos, _ = make_media(root, 8, 0)
     manifest = write_manifest(os.path.join(root, "tiny.jsonl"), "image", photos, 1024)
@@ -178,8 +180,11 @@ def step_part(args, root, tokenizer) -> None:
     candidate = {k: v[0] for k, v in arrays["candidate"].items()}
     modality = arrays["candidate_modality"][0]
 
+    table = media.normalize_table(processor)  # the batch's patches are uint8 levels
+
     def loss_fn(llm, frozen, q, c, m):
         p = dict(frozen, model=llm)
+        q, c = normalize_stream(q, table), normalize_stream(c, table)
         return mamcl_loss(embed(p, q, model_cfg), embed(p, c, model_cfg), m)[0]
 
     step = jax.jit(jax.value_and_grad(loss_fn))
@@ -199,6 +204,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
     parser.add_argument("--manifests", default="image,video")
+    parser.add_argument("--patch_dtypes", default="uint8,float32",
+                        help="data.patch_dtype values: uint8 levels (the default) or host-normalised float32")
     parser.add_argument("--batch", type=int, default=16, help="examples per batch")
     parser.add_argument("--image_batches", type=int, default=12)
     parser.add_argument("--video_batches", type=int, default=3)
@@ -209,6 +216,7 @@ def main() -> None:
     args = parser.parse_args()
     args.workers = [int(w) for w in args.workers.split(",")]
     args.manifests = args.manifests.split(",")
+    args.patch_dtypes = args.patch_dtypes.split(",")
 
     from unite_jax.data import tiny_tokenizer
     from unite_jax.data.tokenize import PromptTokenizer

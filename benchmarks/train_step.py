@@ -136,7 +136,7 @@ def dims(cfg) -> dict:
 
 
 # ----------------------------------------------------------------------------- the JAX trainer pieces
-def trainer(cfg, mesh, lora_seed: int = 1):
+def trainer(cfg, mesh, pixel_table, lora_seed: int = 1):
     """(frozen-param shardings, lora tree placed, make_state, step_fn) built as unite_jax.train.loop does."""
     import jax
 
@@ -155,7 +155,7 @@ def trainer(cfg, mesh, lora_seed: int = 1):
     # stage 1 of the recipe: symmetric InfoNCE, no modality mask
     settings = LossSettings(temperature=TEMPERATURE, modality_mask=False, symmetric=True)
     step_fn = jax.jit(functools.partial(train_step, cfg=cfg, settings=settings, tx=tx, schedule=schedule,
-                                        use_lora=True, has_negatives=False),
+                                        use_lora=True, has_negatives=False, pixel_table=pixel_table),
                       donate_argnums=(0,), out_shardings=(state_shardings, None))
     return lora, (lambda: make_state(lora)), step_fn
 
@@ -206,7 +206,7 @@ def jax_cpu_worker(args) -> None:
     processor = media.ProcessorConfig.from_pretrained(args.model_dir)
     frozen = parallel.shard_tree(load_hf_params(args.model_dir, cfg),
                                  parallel.param_shardings(abstract_params(cfg), mesh))
-    lora, fresh_state, step_fn = trainer(cfg, mesh)
+    lora, fresh_state, step_fn = trainer(cfg, mesh, media.normalize_table(processor))
     save_lora_a(os.path.join(args.work_dir, "lora_a.npz"), lora)
 
     data_cfg = default_data_config()
@@ -479,7 +479,7 @@ def jax_gpu_worker(args) -> None:
 
     start = time.perf_counter()
     frozen = random_params_on_device(cfg, parallel.param_shardings(abstract_params(cfg), mesh))
-    lora, fresh_state, step_fn = trainer(cfg, mesh)
+    lora, fresh_state, step_fn = trainer(cfg, mesh, media.normalize_table(processor))
     save_lora_a(os.path.join(args.work_dir, "lora_a.npz"), lora)
     jax.block_until_ready(frozen)
     init_s = time.perf_counter() - start

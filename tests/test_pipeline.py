@@ -23,6 +23,7 @@ from unite_jax.data.pipeline import (
     processor_overrides,
 )
 from unite_jax.data.tokenize import PromptTokenizer
+from unite_jax.model.pixels import normalize_stream
 
 HEAD = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 # Small pixel budget: a 112x112 image stays 112x112 (8x8 patches, 16 merged tokens), a 112x168 one
@@ -182,6 +183,21 @@ def test_exact_prompt_ids_for_every_modality_mix(mix_batch, hf_tokenizer, tokeni
     assert batch.num_tokens == expected_tokens
 
 
+@pytest.fixture(scope="module")
+def mix_batch_float(media_dir, tokenizer, tmp_path_factory):
+    """mix_batch with data.patch_dtype="float32": patches normalised on the host."""
+    path = _write_jsonl(tmp_path_factory.mktemp("mix_float") / "mix.jsonl", MIX_RECORDS)
+    cfg = _config(path, media_root=str(media_dir), hard_negatives=True, patch_dtype="float32")
+    spec = _spec(cfg, tokenizer, chunks=2, shards=1, rows=3)
+    with _iterator(cfg, tokenizer, spec) as it:
+        return next(it), spec
+
+
+def _normalised(stream):
+    """A batch stream's uint8 patch levels -> float32 patches, as the train step normalises them."""
+    return np.asarray(normalize_stream(stream, media.normalize_table(PROC))["patches"])
+
+
 def test_batch_shapes(mix_batch):
     batch, spec = mix_batch
     c, s, b, length, p = 2, 1, 3, spec.seq_len, spec.rows_per_shard * spec.patches_per_row
@@ -189,10 +205,22 @@ def test_batch_shapes(mix_batch):
         got = {k: (v.shape, v.dtype) for k, v in batch.arrays[stream].items()}
         assert got == {"input_ids": ((c, s * b, length), np.int32), "attention_mask": ((c, s * b, length), np.int32),
                        "position_ids": ((c, s * b, 3, length), np.int32),
-                       "patches": ((c, s, p, PROC.patch_dim), np.float32), "patch_segment_ids": ((c, s, p), np.int32),
+                       "patches": ((c, s, p, PROC.patch_dim), np.uint8), "patch_segment_ids": ((c, s, p), np.int32),
                        "patch_positions": ((c, s, p, 2), np.int32), "merged_dest": ((c, s, p // 4), np.int32)}
     assert sorted(batch.arrays) == ["candidate", "candidate_modality", "negative", "negative_modality", "query",
                                     "valid"]
+
+
+def test_uint8_levels_normalise_to_the_float32_batch_bit_for_bit(mix_batch, mix_batch_float):
+    """data.patch_dtype only moves where normalisation happens: the same batch, the same bits."""
+    (levels, _), (floats, _) = mix_batch, mix_batch_float
+    for stream in ("query", "candidate", "negative"):
+        assert floats.arrays[stream]["patches"].dtype == np.float32
+        assert floats.arrays[stream]["patches"].any()
+        np.testing.assert_array_equal(_normalised(levels.arrays[stream]),
+                                      floats.arrays[stream]["patches"])
+        for key in ("input_ids", "patch_segment_ids", "merged_dest", "patch_positions"):
+            np.testing.assert_array_equal(levels.arrays[stream][key], floats.arrays[stream][key])
 
 
 def _media_patches(media_dir, kind, name):
@@ -205,6 +233,7 @@ def test_every_merged_token_lands_in_its_own_pad_slot(mix_batch, media_dir, toke
     batch, spec = mix_batch
     length, rows, block = spec.seq_len, spec.rows_per_shard, spec.vision_block
     pads = {"image": tokenizer.image_pad_id, "video": tokenizer.video_pad_id}
+    normalised = {stream: _normalised(batch.arrays[stream]) for stream in ("query", "candidate", "negative")}
     for n, streams_media in enumerate(MIX_MEDIA):
         c, row = divmod(n, 3)
         for stream, media_list in zip(("query", "candidate", "negative"), streams_media):
@@ -222,7 +251,7 @@ def test_every_merged_token_lands_in_its_own_pad_slot(mix_batch, media_dir, toke
                 for k, slot in enumerate(slots):
                     where = np.flatnonzero(dest == slot)
                     assert len(where) == 1, (n, stream, k)
-                    np.testing.assert_array_equal(a["patches"][c, 0, 4 * where[0]:4 * where[0] + 4],
+                    np.testing.assert_array_equal(normalised[stream][c, 0, 4 * where[0]:4 * where[0] + 4],
                                                   patches[4 * k:4 * k + 4])
                     # 2-D rotary indices of those patches: their (row, col) in the frame
                     _, h, w = (int(g) for g in grid)

@@ -20,6 +20,7 @@ from unite_jax.data.pipeline import (
 )
 from unite_jax.data.tfds_source import TfdsSource, parse_tfds_entry
 from unite_jax.data.tokenize import PromptTokenizer
+from unite_jax.model.pixels import normalize_stream
 
 PROC = media.ProcessorConfig(min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28)
 HEAD = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -97,6 +98,11 @@ def _batches(prepared, tokenizer, fields, count=1, rows=NUM_EXAMPLES, **override
         return [next(it) for _ in range(count)]
 
 
+def _patches(arrays, stream):
+    """A stream's patches (uint8 levels in the batch) normalised as the train step does."""
+    return np.asarray(normalize_stream(arrays[stream], media.normalize_table(PROC))["patches"])
+
+
 def _record_index(where):
     assert where.startswith("tfds:unite_tiny_pairs:train[")
     return int(where[len("tfds:unite_tiny_pairs:train["):-1])
@@ -108,6 +114,7 @@ def test_pixels_and_hard_negatives(prepared, tokenizers):
     (batch,) = _batches(prepared, tokenizer, {"query_text": "question", "candidate_image": "pixels",
                                               "negative_text": "hard"}, hard_negatives=True)
     arrays = batch.arrays
+    candidate_patches = _patches(arrays, "candidate")
     assert [_record_index(w) for w in batch.example_wheres] == list(range(NUM_EXAMPLES))
     for row, record in enumerate(records):
         query = HEAD + record["question"].decode() + tail("sentence")
@@ -115,7 +122,7 @@ def test_pixels_and_hard_negatives(prepared, tokenizers):
         np.testing.assert_array_equal(arrays["query"]["input_ids"][0, row, -len(expected):], expected)
         # one 112x112 image per row: 64 patches, in the row's own 64-patch tile
         patches, _ = media.preprocess_image(record["pixels"], PROC)
-        np.testing.assert_array_equal(arrays["candidate"]["patches"][0, 0, 64 * row:64 * (row + 1)], patches)
+        np.testing.assert_array_equal(candidate_patches[0, 0, 64 * row:64 * (row + 1)], patches)
         has_negative = bool(record["hard"])
         assert arrays["negative_modality"][0, row] == (1 if has_negative else 0)
         if has_negative:
@@ -140,12 +147,12 @@ def test_paths_target_modal_and_encoded_bytes(prepared, tokenizers):
     # 'text' where the record says so, inferred from the caption (text) where it is empty: 1 either way
     np.testing.assert_array_equal(batch.arrays["candidate_modality"], [[1] * NUM_EXAMPLES])
     photo, _ = media.preprocess_image(f"{media_root}/square.png", PROC)
-    np.testing.assert_array_equal(batch.arrays["query"]["patches"][0, 0, :64], photo)
+    np.testing.assert_array_equal(_patches(batch.arrays, "query")[0, 0, :64], photo)
 
     (batch,) = _batches(prepared, tokenizer, {"query_text": "caption", "candidate_image": "jpeg"})
     for row, record in enumerate(records):
         decoded, _ = media.preprocess_image(Image.open(io.BytesIO(record["jpeg"])), PROC)
-        np.testing.assert_array_equal(batch.arrays["candidate"]["patches"][0, 0, 64 * row:64 * (row + 1)], decoded)
+        np.testing.assert_array_equal(_patches(batch.arrays, "candidate")[0, 0, 64 * row:64 * (row + 1)], decoded)
 
 
 def test_process_shards(prepared, tokenizers):

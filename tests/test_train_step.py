@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from unite_jax.api import prepare_item
-from unite_jax.data.media import ProcessorConfig
+from unite_jax.data.media import ProcessorConfig, normalize_table
 from unite_jax.data.packing import pack_batch
 from unite_jax.data.tokenize import PromptTokenizer
 from unite_jax.loss import mamcl_loss
@@ -22,14 +25,16 @@ CFG = preset("tiny", vision_block=64)
 PROCESSOR = ProcessorConfig(min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28)
 
 
-def _stream(items, tokenizer, rows):
+def _stream(items, tokenizer, rows, patch_dtype=np.float32):
     prepared = [prepare_item(item, i, tokenizer, PROCESSOR, 64) for i, item in enumerate(items)]
+    patches = np.zeros((1, rows * 64, CFG.vision.patch_dim), patch_dtype)
     packed = pack_batch(prepared, num_shards=1, rows_per_shard=rows, seq_len=96, patch_budget=rows * 64,
-                        pad_id=tokenizer.pad_id, patch_dim=CFG.vision.patch_dim, vision_block=64, share_tiles=False)
+                        pad_id=tokenizer.pad_id, patch_dim=CFG.vision.patch_dim, vision_block=64, share_tiles=False,
+                        patches_out=patches)
     return {key: jnp.asarray(packed[key]) for key in BATCH_KEYS}
 
 
-def _batch(tokenizer, chunks=2, rows=3):
+def _batch(tokenizer, chunks=2, rows=3, patch_dtype=np.float32):
     """[chunks] packed sub-batches of `rows` examples: text queries, image or text candidates."""
     rng = np.random.default_rng(0)
     words = ["cat", "dog", "red", "park", "moon", "clock", "horse", "coffee", "rocket", "brick", "grass", "coins"]
@@ -44,8 +49,8 @@ def _batch(tokenizer, chunks=2, rows=3):
             else:
                 c_items.append({"text": f"the {words[(c * rows + r + 3) % 12]}"})
                 chunk_codes.append(1)
-        queries.append(_stream(q_items, tokenizer, rows))
-        candidates.append(_stream(c_items, tokenizer, rows))
+        queries.append(_stream(q_items, tokenizer, rows, patch_dtype))
+        candidates.append(_stream(c_items, tokenizer, rows, patch_dtype))
         codes.append(chunk_codes)
     stack = lambda streams: {k: jnp.stack([s[k] for s in streams]) for k in BATCH_KEYS}  # noqa: E731
     return {"query": stack(queries), "candidate": stack(candidates),
@@ -108,3 +113,22 @@ def test_nonfinite_update_is_not_applied(tiny_tokenizer_dir):
     assert int(new_state.step) == 1
     for new, old in zip(jax.tree.leaves(new_state.trainable), jax.tree.leaves(poisoned)):
         np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+
+
+def test_uint8_pixel_levels_train_exactly_like_float32_patches(tiny_tokenizer_dir):
+    """The step normalises uint8 levels on the device: the same update as host-normalised patches."""
+    tokenizer = PromptTokenizer.from_pretrained(tiny_tokenizer_dir)
+    params = jax.tree.map(jnp.asarray, init_params(CFG, seed=3, std=0.05))
+    floats, levels = _batch(tokenizer), _batch(tokenizer, patch_dtype=np.uint8)
+    assert levels["candidate"]["patches"].dtype == jnp.uint8 and levels["candidate"]["patches"].any()
+    tx = optax.adamw(1e-3)
+    step = functools.partial(train_step, cfg=CFG, settings=LossSettings(temperature=0.05), tx=tx,
+                             schedule=lambda step: 1e-3, use_lora=False, has_negatives=False)
+    table = normalize_table(PROCESSOR)
+    want_state, want = step(create_state(params, tx, seed=0), {}, floats)
+    got_state, got = step(create_state(params, tx, seed=0), {}, levels, pixel_table=table)
+    assert float(got["loss"]) == float(want["loss"])
+    for new, old in zip(jax.tree.leaves(got_state.trainable), jax.tree.leaves(want_state.trainable)):
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+    with pytest.raises(ValueError, match="no pixel table"):
+        step(create_state(params, tx, seed=0), {}, levels)

@@ -152,9 +152,10 @@ def prepare_item(item: dict, index: int, tokenizer: PromptTokenizer, processor: 
     if text is not None and not isinstance(text, str):
         raise TypeError(f"item {index}: 'text' must be a string, got {type(text).__name__}")
     try:
-        visions = [("image", *media.preprocess_image(src, processor))
+        # Patches stay uint8 levels until pack_batch normalises them into the batch buffer.
+        visions = [("image", *media.image_pixel_patches(src, processor))
                    for src in _as_list(item.get("image"), kind="image")]
-        visions += [("video", *media.preprocess_video(src, processor))
+        visions += [("video", *media.video_pixel_patches(src, processor))
                     for src in _as_list(item.get("video"), kind="video")]
     except (ValueError, TypeError, OSError) as e:  # MediaError is a ValueError
         raise _with_item_index(e, index) from e

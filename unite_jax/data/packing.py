@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 
 from unite_jax.data.media import vision_rope_positions
+from unite_jax.data.pixel_patches import PixelPatches, write_patches
 
 
 def geometric_buckets(start: int, stop: int, multiple: int) -> tuple[int, ...]:
@@ -44,12 +45,13 @@ BLOCK_COUNT_BUCKETS = geometric_buckets(1, 65536, 1)
 class PackableInput:
     """One tokenised input with its pre-processed media (media in the order of `vision_runs`).
 
-    input_ids: [n] int32 (pads expanded); patches[k]: [t*h*w, patch_dim]; grids[k]: (t, h, w);
+    input_ids: [n] int32 (pads expanded); patches[k]: [t*h*w, patch_dim], a float array or
+    `PixelPatches` (normalised when packed); grids[k]: (t, h, w);
     vision_runs[k]: (start, length) of media k's pad tokens in input_ids.
     """
 
     input_ids: np.ndarray
-    patches: list[np.ndarray]
+    patches: list[np.ndarray | PixelPatches]
     grids: list[tuple[int, int, int]]
     vision_runs: list[tuple[int, int]]
 
@@ -166,7 +168,8 @@ def pack_batch(items: list[PackableInput], *, num_shards: int, rows_per_shard: i
     0 = the whole row is one block), so the vision tower can attend tile by tile. With
     share_tiles=False no tile holds slices of two rows (see `tile_offsets`). patches_out: an
     all-zero float32 [num_shards, patch_budget, patch_dim] buffer to pack the patches into (e.g.
-    shared memory), instead of a new array. Raises ValueError
+    shared memory), instead of a new array; a uint8 buffer receives pixel levels (items must carry
+    `PixelPatches`). Raises ValueError
     when an input is longer than seq_len or a shard's slices do not fit patch_budget;
     `choose_shapes` picks buckets that fit.
     """
@@ -183,8 +186,9 @@ def pack_batch(items: list[PackableInput], *, num_shards: int, rows_per_shard: i
     position_ids = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, 3, seq_len)).copy()
     if patches_out is None:
         patches = np.zeros((num_shards, patch_budget, patch_dim), np.float32)
-    elif patches_out.shape != (num_shards, patch_budget, patch_dim) or patches_out.dtype != np.float32:
-        raise ValueError(f"patches_out is {patches_out.dtype} {patches_out.shape}, expected float32 "
+    elif patches_out.shape != (num_shards, patch_budget, patch_dim) or patches_out.dtype not in (np.float32,
+                                                                                                np.uint8):
+        raise ValueError(f"patches_out is {patches_out.dtype} {patches_out.shape}, expected float32 or uint8 "
                          f"{(num_shards, patch_budget, patch_dim)}")
     else:
         patches = patches_out
@@ -221,7 +225,7 @@ def pack_batch(items: list[PackableInput], *, num_shards: int, rows_per_shard: i
         for segment, ((row, k, ti, h, w), lo) in enumerate(zip(slices, offsets)):
             item = items[row]
             size = h * w
-            patches[shard, lo:lo + size] = item.patches[k][ti * size:(ti + 1) * size]
+            write_patches(patches[shard, lo:lo + size], item.patches[k][ti * size:(ti + 1) * size])
             segment_ids[shard, lo:lo + size] = segment
             patch_positions[shard, lo:lo + size] = vision_rope_positions((1, h, w), merge_size)
             start, _ = item.vision_runs[k]

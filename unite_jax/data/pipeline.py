@@ -25,7 +25,9 @@ P = b * patches_per_row:
   arrays["query"], arrays["candidate"] (and arrays["negative"] with data.hard_negatives): the
   embedder's BATCH_KEYS with a leading chunk axis:
     input_ids [C, S*b, L] int32, attention_mask [C, S*b, L] int32, position_ids [C, S*b, 3, L] int32,
-    patches [C, S, P, patch_dim] float32, patch_segment_ids [C, S, P] int32,
+    patches [C, S, P, patch_dim] uint8 pixel levels (data.patch_dtype="uint8", the default: the train
+      step normalises them with `unite_jax.model.pixels.normalize_levels`) or float32 normalised,
+    patch_segment_ids [C, S, P] int32,
     patch_positions [C, S, P, 2] int32, merged_dest [C, S, P/4] int32
   arrays["candidate_modality"] [C, S*b] int32 (text=1, image=2, video=4, OR-ed),
   arrays["negative_modality"] [C, S*b] int32 (with hard negatives; 0 = the example has none),
@@ -76,6 +78,7 @@ from unite_jax.model.embedder import BATCH_KEYS
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+PATCH_DTYPES = ("uint8", "float32")
 # A worker that meets this many skipped records without completing a batch reports them anyway, so
 # the main process can count them (and stop on data.max_bad_fraction) even when nothing is usable.
 REPORT_EVERY = 64
@@ -108,6 +111,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.seq_len = 2048  # static row length in tokens, vision tokens included
     cfg.patches_per_row = 5120  # static patch budget of one example (one row), whole vision tiles
     cfg.vision_block = 5120  # vision attention tile in patches: a multiple of 4 dividing patches_per_row
+    # "uint8": patches travel as pixel levels and the train step normalises them on the device (the
+    # same bits, a quarter of the bytes); "float32": normalised on the host
+    cfg.patch_dtype = "uint8"
     cfg.tfds_data_dir = ""  # data_dir of tfds: sources ("" = TFDS's default)
     cfg.tfds_fields = ml_collections.ConfigDict({role: "" for role in TFDS_ROLES})  # role -> feature name
     # Pre-processing overrides, 0 = the model directory's preprocessor_config.json value.
@@ -146,6 +152,7 @@ class BatchSpec:
     patch_dim: int  # 3 * temporal_patch * patch**2 (1176)
     merge_size: int = 2
     position_mode: str = "sequential"  # or "mrope"
+    patch_dtype: str = "uint8"  # or "float32" (see default_data_config)
 
     def __post_init__(self):
         if not self.max_text_tokens:  # 0 (a config value) means no cap, as None does
@@ -161,6 +168,8 @@ class BatchSpec:
                              f"data.patches_per_row ({self.patches_per_row})")
         if self.position_mode not in ("sequential", "mrope"):
             raise ValueError(f"BatchSpec.position_mode: expected 'sequential' or 'mrope', got {self.position_mode!r}")
+        if self.patch_dtype not in PATCH_DTYPES:
+            raise ValueError(f"data.patch_dtype: expected one of {PATCH_DTYPES}, got {self.patch_dtype!r}")
 
     @property
     def local_batch_size(self) -> int:
@@ -180,7 +189,8 @@ class BatchSpec:
                    seq_len=int(data_cfg.seq_len), patches_per_row=int(data_cfg.patches_per_row),
                    vision_block=int(data_cfg.vision_block), hard_negatives=bool(data_cfg.hard_negatives),
                    max_text_tokens=int(data_cfg.max_text_tokens), pad_id=pad_id, patch_dim=patch_dim,
-                   merge_size=merge_size, position_mode=position_mode)
+                   merge_size=merge_size, position_mode=position_mode,
+                   patch_dtype=str(data_cfg.get("patch_dtype", "uint8")))
 
 
 # --------------------------------------------------------------------------- examples
@@ -295,7 +305,7 @@ def pack_examples(examples: list[PreparedExample], spec: BatchSpec,
     for stream in streams:
         present = np.asarray([getattr(e, stream) is not None for e in examples])
         items = [getattr(e, stream) if p else _empty_row(spec.pad_id) for e, p in zip(examples, present)]
-        patches = allocate((c, s, spec.patch_budget, spec.patch_dim), np.float32)
+        patches = allocate((c, s, spec.patch_budget, spec.patch_dim), np.dtype(spec.patch_dtype))
         packed = pack_batch(items, num_shards=c * s, rows_per_shard=b, seq_len=length,
                             patch_budget=spec.patch_budget, pad_id=spec.pad_id, patch_dim=spec.patch_dim,
                             merge_size=spec.merge_size, position_mode=spec.position_mode,

@@ -28,6 +28,7 @@ import numpy as np
 
 from unite_jax import parallel
 from unite_jax.convert import orbax_model
+from unite_jax.data import media
 from unite_jax.data.pipeline import BatchSpec, build_train_iterator, make_processor, prefetch_to_device
 from unite_jax.data.tokenize import PromptTokenizer
 from unite_jax.model import lora as lora_lib
@@ -223,7 +224,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise ValueError(f"train.chunk_mode must be 'gradcache' or 'accumulate', got {config.train.chunk_mode!r}")
     step_fn = jax.jit(functools.partial(train_step, cfg=cfg, settings=settings, tx=tx, schedule=schedule,
                                         use_lora=config.lora.rank > 0, has_negatives=bool(config.data.hard_negatives),
-                                        accumulate=config.train.chunk_mode == "accumulate"),
+                                        accumulate=config.train.chunk_mode == "accumulate",
+                                        pixel_table=media.normalize_table(processor)),
                       donate_argnums=(0,), out_shardings=(state_shardings, None))
 
     use_lora = config.lora.rank > 0

@@ -30,6 +30,7 @@ from unite_jax.loss import mamcl_loss
 from unite_jax.model.config import ModelConfig
 from unite_jax.model.embedder import BATCH_KEYS, embed
 from unite_jax.model.lora import with_lora
+from unite_jax.model.pixels import normalize_stream
 from unite_jax.train.optim import global_norm
 from unite_jax.train.state import TrainState
 
@@ -84,19 +85,22 @@ def make_loss_fn(batch: dict, settings: LossSettings, has_negatives: bool) -> Ca
     return loss_fn
 
 
-def make_embed_fn(frozen: dict, cfg: ModelConfig, use_lora: bool) -> Callable:
+def make_embed_fn(frozen: dict, cfg: ModelConfig, use_lora: bool, pixel_table=None) -> Callable:
     """embed_fn(trainable, sub_batch, key) -> [rows (x2 with negatives), D] for GradCache and the plain path.
 
     A sub-batch is {"main": stream} or {"main": stream, "negative": stream}; the negatives get their own
-    dropout key.
+    dropout key. pixel_table (float32 [3, 256]) normalises streams whose patches are uint8 levels.
     """
+    def embed_stream(params, stream, key):
+        return embed(params, normalize_stream(stream, pixel_table), cfg, key)
+
     def embed_fn(trainable, sub_batch, key=None):  # GradCache passes no key when there is no dropout
         params = full_params(frozen, trainable, use_lora)
-        main = embed(params, sub_batch["main"], cfg, key)
+        main = embed_stream(params, sub_batch["main"], key)
         if "negative" not in sub_batch:
             return main
         negative_key = None if key is None else jax.random.fold_in(key, 1)
-        return jnp.concatenate([main, embed(params, sub_batch["negative"], cfg, negative_key)], axis=0)
+        return jnp.concatenate([main, embed_stream(params, sub_batch["negative"], negative_key)], axis=0)
 
     return embed_fn
 
@@ -147,13 +151,14 @@ def loss_and_grads_single(trainable: dict, embed_fn: Callable, batch: dict, drop
 
 
 def loss_and_grads(trainable: dict, frozen: dict, batch: dict, rng, *, cfg: ModelConfig, settings: LossSettings,
-                   use_lora: bool, has_negatives: bool, accumulate: bool = False) -> tuple[jnp.ndarray, dict, dict]:
+                   use_lora: bool, has_negatives: bool, accumulate: bool = False,
+                   pixel_table=None) -> tuple[jnp.ndarray, dict, dict]:
     """(loss, metrics, grads w.r.t. trainable) for one global batch.
 
     C > 1 chunks: GradCache (the exact gradient of the loss over the whole batch), or with accumulate=True
-    plain gradient accumulation (each chunk its own contrastive batch)."""
+    plain gradient accumulation (each chunk its own contrastive batch). pixel_table: see make_embed_fn."""
     num_chunks = batch["candidate_modality"].shape[0]
-    embed_fn = make_embed_fn(frozen, cfg, use_lora)
+    embed_fn = make_embed_fn(frozen, cfg, use_lora, pixel_table)
     loss_fn = make_loss_fn(batch, settings, has_negatives)
     query = {"main": _stream(batch, "query")}
     candidate = {"main": _stream(batch, "candidate")}
@@ -171,11 +176,15 @@ def loss_and_grads(trainable: dict, frozen: dict, batch: dict, rng, *, cfg: Mode
 
 def train_step(state: TrainState, frozen: dict, batch: dict, *, cfg: ModelConfig, settings: LossSettings,
                tx: optax.GradientTransformation, schedule: Callable, use_lora: bool,
-               has_negatives: bool, accumulate: bool = False) -> tuple[TrainState, dict[str, Any]]:
-    """One AdamW step; a non-finite loss or gradient leaves the state unchanged (metrics["finite"] = 0)."""
+               has_negatives: bool, accumulate: bool = False, pixel_table=None) -> tuple[TrainState, dict[str, Any]]:
+    """One AdamW step; a non-finite loss or gradient leaves the state unchanged (metrics["finite"] = 0).
+
+    pixel_table: float32 [3, 256] (`media.normalize_table(processor)`), needed when the batch's patches
+    are uint8 pixel levels (data.patch_dtype="uint8"); a constant of the compiled step."""
     step_rng = jax.random.fold_in(state.rng, state.step)
     loss, metrics, grads = loss_and_grads(state.trainable, frozen, batch, step_rng, cfg=cfg, settings=settings,
-                                          use_lora=use_lora, has_negatives=has_negatives, accumulate=accumulate)
+                                          use_lora=use_lora, has_negatives=has_negatives, accumulate=accumulate,
+                                          pixel_table=pixel_table)
     grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.trainable)
