@@ -12,6 +12,7 @@ which writes the JSON item), so a pod restarts each host exactly where it was.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import jax
@@ -41,6 +42,9 @@ class RunCheckpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                create=True)
+        # Orbax's array writer refuses relative paths; a URL (gs://...) is kept as given.
+        if "://" not in directory:
+            directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(directory, options=options)
 
     def latest_step(self) -> int | None:
