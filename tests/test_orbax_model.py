@@ -323,6 +323,19 @@ def small(models, tmp_path, tiny_tokenizer_dir):
     return source, cfg, hf.load_hf_params(source, cfg)
 
 
+def test_relative_paths_write_read_and_export(small, tmp_path, monkeypatch):
+    """Commands get paths relative to the working directory (the demo's demo_out/...); Orbax itself
+    refuses relative paths, so the library resolves them."""
+    source, _, params = small
+    monkeypatch.chdir(tmp_path)
+    model_dir = orbax_model.hf_to_model_dir(os.path.relpath(source, tmp_path), "orbax_rel")
+    assert os.path.isdir(tmp_path / "orbax_rel")
+    loaded, _, _ = orbax_model.load_model_dir("orbax_rel")
+    assert_trees_bit_equal(loaded, params)
+    assert os.path.isdir(orbax_model.model_dir_to_hf("orbax_rel", "hf_rel"))
+    assert model_dir == str(tmp_path / "orbax_rel")
+
+
 def leftovers(directory) -> list[str]:
     return [name for name in os.listdir(directory) if name.startswith(".")]
 

@@ -305,6 +305,11 @@ def _barrier(name: str) -> None:
 
 
 # ---------------------------------------------------------------- Orbax I/O
+def _orbax_path(directory: str) -> str:
+    """The path to hand Orbax: absolute (its readers and writers refuse relative paths); URLs as given."""
+    return directory if "://" in directory else os.path.abspath(directory)
+
+
 def _save_tree(directory: str, tree: Mapping[str, Any]) -> None:
     """Writes a pytree of numpy / jax arrays as an Orbax (PyTree, OCDBT) checkpoint at `directory`.
 
@@ -323,7 +328,7 @@ def _save_tree(directory: str, tree: Mapping[str, Any]) -> None:
     # One chunk per leaf (Orbax's default): smaller chunks would let a restore decode piecewise, but
     # tensorstore then copies every chunk while writing (measured: 1.5x the weights instead of 1.0x).
     with ocp.Checkpointer(handler) as checkpointer:
-        checkpointer.save(directory, args=ocp.args.PyTreeSave(dict(tree)))
+        checkpointer.save(_orbax_path(directory), args=ocp.args.PyTreeSave(dict(tree)))
 
 
 def stored_leaves(directory: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
@@ -333,7 +338,7 @@ def stored_leaves(directory: str) -> dict[tuple[str, ...], tuple[tuple[int, ...]
     if not os.path.isdir(directory):
         raise ModelDirError(f"{directory}: missing (expected an Orbax checkpoint directory)")
     try:
-        metadata = ocp.PyTreeCheckpointer().metadata(directory)
+        metadata = ocp.PyTreeCheckpointer().metadata(_orbax_path(directory))
     except (FileNotFoundError, ValueError, OSError) as e:
         raise ModelDirError(f"{directory}: not a readable Orbax checkpoint ({e})") from e
     item = getattr(metadata, "item_metadata", metadata)
@@ -354,7 +359,7 @@ def _restore_leaves(directory: str, paths: Sequence[tuple[str, ...]],
     args = _unflatten({p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=stored[p][1]) for p in paths})
     try:
         restored = ocp.PyTreeCheckpointer().restore(
-            directory, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
+            _orbax_path(directory), args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
     except (ValueError, OSError, KeyError) as e:  # tensorstore reports missing / corrupt data as ValueError
         names = ", ".join("/".join(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
         raise ModelDirError(f"{directory}: cannot read {names} ({' '.join(str(e).split())[:300]})") from e
