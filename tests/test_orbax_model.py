@@ -336,6 +336,21 @@ def test_relative_paths_write_read_and_export(small, tmp_path, monkeypatch):
     assert model_dir == str(tmp_path / "orbax_rel")
 
 
+def test_orbax_without_the_deep_copy_option_still_saves(small, tmp_path, monkeypatch):
+    """Orbax 0.12.4 (in the project's range) has no NumpyHandler(deepcopy_host_arrays=...)."""
+    import orbax.checkpoint as ocp
+
+    class OldNumpyHandler(ocp.type_handlers.NumpyHandler):
+        def __init__(self, metadata_key=None):
+            super().__init__(metadata_key=metadata_key)
+
+    monkeypatch.setattr(ocp.type_handlers, "NumpyHandler", OldNumpyHandler)
+    source, _, params = small
+    model_dir = orbax_model.hf_to_model_dir(source, str(tmp_path / "orbax"))
+    loaded, _, _ = orbax_model.load_model_dir(model_dir)
+    assert_trees_bit_equal(loaded, params)
+
+
 def leftovers(directory) -> list[str]:
     return [name for name in os.listdir(directory) if name.startswith(".")]
 

@@ -310,6 +310,15 @@ def _orbax_path(directory: str) -> str:
     return directory if "://" in directory else os.path.abspath(directory)
 
 
+def _numpy_handler(type_handlers):
+    """Orbax's numpy handler without its defensive deep copy where the installed Orbax offers that
+    option (recent 0.12 releases; 0.12.4 does not): older ones copy, which costs memory only."""
+    try:
+        return type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+    except TypeError:
+        return type_handlers.NumpyHandler()
+
+
 def _save_tree(directory: str, tree: Mapping[str, Any]) -> None:
     """Writes a pytree of numpy / jax arrays as an Orbax (PyTree, OCDBT) checkpoint at `directory`.
 
@@ -321,8 +330,7 @@ def _save_tree(directory: str, tree: Mapping[str, Any]) -> None:
     import orbax.checkpoint as ocp
 
     th = ocp.type_handlers
-    handlers = [(t, th.NumpyHandler(deepcopy_host_arrays=False) if t is np.ndarray else th.get_type_handler(t))
-                for t in th.supported_types()]
+    handlers = [(t, _numpy_handler(th) if t is np.ndarray else th.get_type_handler(t)) for t in th.supported_types()]
     handler = ocp.PyTreeCheckpointHandler(use_compression=False,
                                           type_handler_registry=th.create_type_handler_registry(*handlers))
     # One chunk per leaf (Orbax's default): smaller chunks would let a restore decode piecewise, but
