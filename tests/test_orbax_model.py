@@ -15,14 +15,14 @@ import os
 import re
 import shutil
 
+import hf_reference
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
-
-import hf_reference
 from test_embedder import _photo, _reference, _video_frames
+
 from unite_jax import Embedder
 from unite_jax.convert import hf, orbax_model
 from unite_jax.convert import safetensors_io as st

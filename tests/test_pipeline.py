@@ -303,6 +303,43 @@ def test_unshared_tiles_keep_every_row_within_its_budget():
 # --------------------------------------------------------------------------- limits
 
 
+def test_per_stream_patch_budgets(media_dir, tokenizer, tmp_path):
+    """A text-only query stream carries no patches at all; a smaller candidate budget shrinks its buffer.
+    Examples that need more than their stream's budget are dropped with the setting to change."""
+    records = [
+        {"query": {"text": "a photo of a cat"}, "candidate": {"image": "square.png"}},
+        {"query": {"image": "wide.png"}, "candidate": {"text": "a dog"}},  # an image query: no room
+        {"query": {"text": "two pictures"}, "candidate": {"image": ["square.png", "wide.png"]}},  # 2 tiles > 1
+        {"query": {"text": "a red sofa"}, "candidate": {"text": "a sofa", "image": "wide.png"}},
+    ]
+    path = _write_jsonl(tmp_path / "streams.jsonl", records)
+    cfg = _config(path, media_root=str(media_dir), query_patches_per_row=0, candidate_patches_per_row=128)
+    spec = _spec(cfg, tokenizer, rows=2)
+    assert (spec.stream_patch_budget("query"), spec.stream_patch_budget("candidate")) == (0, 256)
+    with _iterator(cfg, tokenizer, spec) as it:
+        batch = next(it)
+    query, candidate = batch.arrays["query"], batch.arrays["candidate"]
+    assert query["patches"].shape == (1, 1, 0, PROC.patch_dim) and query["merged_dest"].shape == (1, 1, 0)
+    assert query["patch_segment_ids"].shape == (1, 1, 0) and query["patch_positions"].shape == (1, 1, 0, 2)
+    assert candidate["patches"].shape == (1, 1, 256, PROC.patch_dim)
+    assert batch.example_wheres == [f"{path}:1", f"{path}:4"]
+    reasons = dict(batch.bad_records)
+    assert "data.query_patches_per_row=0 makes this stream text only" in reasons[f"{path}:2"]
+    assert "need 2 vision tiles of 128, more than data.candidate_patches_per_row=128" in reasons[f"{path}:3"]
+    # the candidate images are where the packer puts them with the full budget
+    with _iterator(_config(path, media_root=str(media_dir)), tokenizer) as it:
+        full = next(it)
+    full_candidates = _normalised(full.arrays["candidate"])
+    np.testing.assert_array_equal(_normalised(candidate)[0, 0, :64], full_candidates[0, 0, :64])
+
+
+def test_stream_budgets_are_validated(tokenizer):
+    for value in (100, -2):
+        cfg = _config("unused.jsonl", candidate_patches_per_row=value)
+        with pytest.raises(ValueError, match="data.candidate_patches_per_row: expected -1"):
+            _spec(cfg, tokenizer)
+
+
 def test_text_truncation_and_too_long_examples_keep_one_shape(media_dir, tokenizer, hf_tokenizer, tmp_path):
     long_text = "the quick brown fox jumps over the lazy dog " * 8
     records = [

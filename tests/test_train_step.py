@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from unite_jax import parallel
 from unite_jax.api import prepare_item
 from unite_jax.data.media import ProcessorConfig, normalize_table
 from unite_jax.data.packing import pack_batch
@@ -25,16 +26,16 @@ CFG = preset("tiny", vision_block=64)
 PROCESSOR = ProcessorConfig(min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28)
 
 
-def _stream(items, tokenizer, rows, patch_dtype=np.float32):
+def _stream(items, tokenizer, rows, patch_dtype=np.float32, patches_per_row=64):
     prepared = [prepare_item(item, i, tokenizer, PROCESSOR, 64) for i, item in enumerate(items)]
-    patches = np.zeros((1, rows * 64, CFG.vision.patch_dim), patch_dtype)
-    packed = pack_batch(prepared, num_shards=1, rows_per_shard=rows, seq_len=96, patch_budget=rows * 64,
+    patches = np.zeros((1, rows * patches_per_row, CFG.vision.patch_dim), patch_dtype)
+    packed = pack_batch(prepared, num_shards=1, rows_per_shard=rows, seq_len=96, patch_budget=rows * patches_per_row,
                         pad_id=tokenizer.pad_id, patch_dim=CFG.vision.patch_dim, vision_block=64, share_tiles=False,
                         patches_out=patches)
     return {key: jnp.asarray(packed[key]) for key in BATCH_KEYS}
 
 
-def _batch(tokenizer, chunks=2, rows=3, patch_dtype=np.float32):
+def _batch(tokenizer, chunks=2, rows=3, patch_dtype=np.float32, query_patches_per_row=64):
     """[chunks] packed sub-batches of `rows` examples: text queries, image or text candidates."""
     rng = np.random.default_rng(0)
     words = ["cat", "dog", "red", "park", "moon", "clock", "horse", "coffee", "rocket", "brick", "grass", "coins"]
@@ -49,7 +50,7 @@ def _batch(tokenizer, chunks=2, rows=3, patch_dtype=np.float32):
             else:
                 c_items.append({"text": f"the {words[(c * rows + r + 3) % 12]}"})
                 chunk_codes.append(1)
-        queries.append(_stream(q_items, tokenizer, rows, patch_dtype))
+        queries.append(_stream(q_items, tokenizer, rows, patch_dtype, query_patches_per_row))
         candidates.append(_stream(c_items, tokenizer, rows, patch_dtype))
         codes.append(chunk_codes)
     stack = lambda streams: {k: jnp.stack([s[k] for s in streams]) for k in BATCH_KEYS}  # noqa: E731
@@ -132,3 +133,38 @@ def test_uint8_pixel_levels_train_exactly_like_float32_patches(tiny_tokenizer_di
         np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
     with pytest.raises(ValueError, match="no pixel table"):
         step(create_state(params, tx, seed=0), {}, levels)
+
+
+def test_text_only_stream_without_patches_trains_exactly_like_padded_patches(tiny_tokenizer_dir):
+    """data.query_patches_per_row=0: the text queries' stream has no patch slots and skips the vision
+    tower; embeddings, loss and update are those of the same queries with a padding-only patch row."""
+    tokenizer = PromptTokenizer.from_pretrained(tiny_tokenizer_dir)
+    params = jax.tree.map(jnp.asarray, init_params(CFG, seed=3, std=0.05))
+    padded, text_only = _batch(tokenizer), _batch(tokenizer, query_patches_per_row=0)
+    assert text_only["query"]["patches"].shape[2] == 0 and padded["query"]["patches"].shape[2] == 3 * 64
+    chunk = lambda b: {k: v[0] for k, v in b["query"].items()}  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(embed(params, chunk(text_only), CFG)),
+                                  np.asarray(embed(params, chunk(padded), CFG)))
+    tx = optax.adamw(1e-3)
+    step = jax.jit(functools.partial(train_step, cfg=CFG, settings=LossSettings(temperature=0.05), tx=tx,
+                                     schedule=lambda step: 1e-3, use_lora=False, has_negatives=False))
+    want_state, want = step(create_state(params, tx, seed=0), {}, padded)
+    got_state, got = step(create_state(params, tx, seed=0), {}, text_only)
+    assert float(got["loss"]) == float(want["loss"])
+    for new, old in zip(jax.tree.leaves(got_state.trainable), jax.tree.leaves(want_state.trainable)):
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+
+
+def test_text_only_stream_shards_over_the_mesh(tiny_tokenizer_dir):
+    """Empty patch arrays still split over the data axes of an 8-device mesh."""
+    tokenizer = PromptTokenizer.from_pretrained(tiny_tokenizer_dir)
+    params = jax.tree.map(jnp.asarray, init_params(CFG, seed=3, std=0.05))
+    words = ["cat", "dog", "red", "park", "moon", "clock", "horse", "coffee"]
+    streams = [_stream([{"text": f"a {w}"}], tokenizer, 1, patches_per_row=0) for w in words]
+    local = {k: np.concatenate([np.asarray(s[k]) for s in streams]) for k in BATCH_KEYS}
+    local["patches"] = local["patches"].reshape(8, 0, CFG.vision.patch_dim)
+    mesh = parallel.make_mesh((-1, 1, 1))
+    placed = parallel.host_to_global(local, mesh, batch_axis=0)
+    assert placed["patches"].shape == (8, 0, CFG.vision.patch_dim)
+    sharded = np.asarray(jax.jit(lambda p, b: embed(p, b, CFG))(params, placed))
+    np.testing.assert_allclose(sharded, np.asarray(embed(params, local, CFG)), rtol=1e-6, atol=1e-6)

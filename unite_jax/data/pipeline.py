@@ -21,7 +21,7 @@ Order of work (Grain):
      `data.max_bad_fraction`.
 
 Batch layout (`HostBatch.arrays`), C chunks, S local shards, b rows per shard, L = seq_len,
-P = b * patches_per_row:
+P = b * patches_per_row (per stream: b * data.<stream>_patches_per_row when set; 0 for a text-only stream):
   arrays["query"], arrays["candidate"] (and arrays["negative"] with data.hard_negatives): the
   embedder's BATCH_KEYS with a leading chunk axis:
     input_ids [C, S*b, L] int32, attention_mask [C, S*b, L] int32, position_ids [C, S*b, 3, L] int32,
@@ -79,6 +79,7 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 PATCH_DTYPES = ("uint8", "float32")
+STREAMS = ("query", "candidate", "negative")
 # A worker that meets this many skipped records without completing a batch reports them anyway, so
 # the main process can count them (and stop on data.max_bad_fraction) even when nothing is usable.
 REPORT_EVERY = 64
@@ -114,6 +115,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     # "uint8": patches travel as pixel levels and the train step normalises them on the device (the
     # same bits, a quarter of the bytes); "float32": normalised on the host
     cfg.patch_dtype = "uint8"
+    # Patch budget per stream: -1 = patches_per_row; 0 = text only (no patches, no vision tower pass for that
+    # stream; an example with media there is dropped); else a multiple of vision_block.
+    cfg.query_patches_per_row = -1
+    cfg.candidate_patches_per_row = -1
+    cfg.negative_patches_per_row = -1
     cfg.tfds_data_dir = ""  # data_dir of tfds: sources ("" = TFDS's default)
     cfg.tfds_fields = ml_collections.ConfigDict({role: "" for role in TFDS_ROLES})  # role -> feature name
     # Pre-processing overrides, 0 = the model directory's preprocessor_config.json value.
@@ -153,6 +159,9 @@ class BatchSpec:
     merge_size: int = 2
     position_mode: str = "sequential"  # or "mrope"
     patch_dtype: str = "uint8"  # or "float32" (see default_data_config)
+    # Per-stream patch budgets (query, candidate, negative): -1 = patches_per_row; 0 = the stream is text
+    # only and its batch carries no patches, so the vision tower does not run for it.
+    stream_patches_per_row: tuple[int, int, int] = (-1, -1, -1)
 
     def __post_init__(self):
         if not self.max_text_tokens:  # 0 (a config value) means no cap, as None does
@@ -170,6 +179,11 @@ class BatchSpec:
             raise ValueError(f"BatchSpec.position_mode: expected 'sequential' or 'mrope', got {self.position_mode!r}")
         if self.patch_dtype not in PATCH_DTYPES:
             raise ValueError(f"data.patch_dtype: expected one of {PATCH_DTYPES}, got {self.patch_dtype!r}")
+        object.__setattr__(self, "stream_patches_per_row", tuple(int(v) for v in self.stream_patches_per_row))
+        for stream, value in zip(STREAMS, self.stream_patches_per_row):
+            if value != -1 and (value < 0 or value % self.vision_block):
+                raise ValueError(f"data.{stream}_patches_per_row: expected -1 (data.patches_per_row), 0 (text "
+                                 f"only) or a multiple of data.vision_block={self.vision_block}, got {value}")
 
     @property
     def local_batch_size(self) -> int:
@@ -181,6 +195,15 @@ class BatchSpec:
         """P: patches per shard row of a batch (b * patches_per_row)."""
         return self.rows_per_shard * self.patches_per_row
 
+    def stream_row_budget(self, stream: str) -> int:
+        """Patches one example may use in `stream` ("query", "candidate" or "negative"); 0 = text only."""
+        value = self.stream_patches_per_row[STREAMS.index(stream)]
+        return self.patches_per_row if value == -1 else value
+
+    def stream_patch_budget(self, stream: str) -> int:
+        """P of `stream`: patches per shard row of its batch (b * its per-example budget)."""
+        return self.rows_per_shard * self.stream_row_budget(stream)
+
     @classmethod
     def from_config(cls, data_cfg, *, num_chunks: int, local_shards: int, rows_per_shard: int, pad_id: int,
                     patch_dim: int, merge_size: int = 2, position_mode: str = "sequential") -> BatchSpec:
@@ -190,7 +213,9 @@ class BatchSpec:
                    vision_block=int(data_cfg.vision_block), hard_negatives=bool(data_cfg.hard_negatives),
                    max_text_tokens=int(data_cfg.max_text_tokens), pad_id=pad_id, patch_dim=patch_dim,
                    merge_size=merge_size, position_mode=position_mode,
-                   patch_dtype=str(data_cfg.get("patch_dtype", "uint8")))
+                   patch_dtype=str(data_cfg.get("patch_dtype", "uint8")),
+                   stream_patches_per_row=tuple(int(data_cfg.get(f"{stream}_patches_per_row", -1))
+                                                for stream in STREAMS))
 
 
 # --------------------------------------------------------------------------- examples
@@ -255,7 +280,7 @@ class ExampleBuilder:
             raise RecordError("unreadable media", f"{role}: {_without_item_prefix(e)}") from e
         except (ValueError, TypeError, OSError) as e:
             raise RecordError("invalid record", f"{role}: {_without_item_prefix(e)}") from e
-        problem = fit_problem(packable, self.spec)
+        problem = fit_problem(packable, self.spec, role)
         if problem:
             raise RecordError("too long", f"{role}: {problem}")
         return packable
@@ -267,17 +292,23 @@ def _without_item_prefix(error: Exception) -> str:
     return message.removeprefix("item 0: ")
 
 
-def fit_problem(item: PackableInput, spec: BatchSpec) -> str | None:
-    """Why `item` cannot fill one row of the static batch, or None when it fits (vision checked first)."""
+def fit_problem(item: PackableInput, spec: BatchSpec, stream: str = "query") -> str | None:
+    """Why `item` cannot fill one row of `stream` in the static batch, or None when it fits (vision first)."""
     sizes = [h * w for (t, h, w) in item.grids for _ in range(t)]
+    row_budget = spec.stream_row_budget(stream)
+    if sizes and row_budget == 0:
+        return (f"{len(item.grids)} image(s)/video(s), but data.{stream}_patches_per_row=0 makes this stream "
+                "text only (set it to -1 or a multiple of data.vision_block)")
     largest = max(sizes, default=0)
     if largest > spec.vision_block:
         return (f"a frame of {largest} patches exceeds data.vision_block={spec.vision_block} "
                 "(raise data.vision_block or lower data.max_pixels)")
     tiles = first_fit(sizes, spec.vision_block)[1]
-    if tiles * spec.vision_block > spec.patches_per_row:
+    if tiles * spec.vision_block > row_budget:
+        setting = (f"data.{stream}_patches_per_row" if spec.stream_row_budget(stream) != spec.patches_per_row
+                   else "data.patches_per_row")
         return (f"{sum(sizes)} patches need {tiles} vision tiles of {spec.vision_block}, more than "
-                f"data.patches_per_row={spec.patches_per_row} (raise it or lower the pixel budget / frame count)")
+                f"{setting}={row_budget} (raise it or lower the pixel budget / frame count)")
     if item.num_tokens > spec.seq_len:
         return (f"{item.num_tokens} tokens after text truncation, more than data.seq_len={spec.seq_len} "
                 "(raise data.seq_len, or lower data.max_text_tokens / the pixel budget)")
@@ -305,14 +336,17 @@ def pack_examples(examples: list[PreparedExample], spec: BatchSpec,
     for stream in streams:
         present = np.asarray([getattr(e, stream) is not None for e in examples])
         items = [getattr(e, stream) if p else _empty_row(spec.pad_id) for e, p in zip(examples, present)]
-        patches = allocate((c, s, spec.patch_budget, spec.patch_dim), np.dtype(spec.patch_dtype))
+        budget = spec.stream_patch_budget(stream)
+        # a text-only stream's empty buffer stays a plain array (shared memory cannot be empty)
+        patches = (allocate if budget else np.zeros)((c, s, budget, spec.patch_dim), np.dtype(spec.patch_dtype))
         packed = pack_batch(items, num_shards=c * s, rows_per_shard=b, seq_len=length,
-                            patch_budget=spec.patch_budget, pad_id=spec.pad_id, patch_dim=spec.patch_dim,
+                            patch_budget=budget, pad_id=spec.pad_id, patch_dim=spec.patch_dim,
                             merge_size=spec.merge_size, position_mode=spec.position_mode,
                             vision_block=spec.vision_block, share_tiles=False,
-                            patches_out=patches.reshape(c * s, spec.patch_budget, spec.patch_dim))
+                            patches_out=patches.reshape(c * s, budget, spec.patch_dim))
         num_tokens += int(packed["attention_mask"][present].sum())
-        arrays[stream] = {key: packed[key].reshape(c, -1, *packed[key].shape[1:]) for key in BATCH_KEYS}
+        arrays[stream] = {key: packed[key].reshape(c, packed[key].shape[0] // c, *packed[key].shape[1:])
+                          for key in BATCH_KEYS}  # explicit sizes: a text-only stream's arrays are empty
         arrays[stream]["patches"] = patches  # the buffer itself (a shared-memory array stays one)
     arrays["candidate_modality"] = np.asarray([e.target_modal for e in examples], np.int32).reshape(c, s * b)
     if spec.hard_negatives:

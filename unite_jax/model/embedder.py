@@ -23,7 +23,8 @@ BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "patches", "patch_s
 def input_embeddings(params: dict, batch: dict, cfg: ModelConfig) -> jnp.ndarray:
     """Token embeddings with the vision tower's merged tokens scattered into the pad slots.
 
-    batch["input_ids"]: [batch, seq]; batch["patches"]: [shards, patches, patch_dim];
+    batch["input_ids"]: [batch, seq]; batch["patches"]: [shards, patches, patch_dim] (patches may be 0:
+    a text-only batch, for which the vision tower does not run);
     batch["merged_dest"]: [shards, patches / 4] int32 index into the shard's rows_per_shard * seq slots.
     Returns [batch, seq, hidden] in the compute dtype.
     """
@@ -32,6 +33,8 @@ def input_embeddings(params: dict, batch: dict, cfg: ModelConfig) -> jnp.ndarray
     num_rows, seq = input_ids.shape
     shards = batch["patches"].shape[0]
     embeds = jnp.take(params["model"]["embed_tokens"]["embedding"], input_ids, axis=0).astype(dtype)
+    if batch["patches"].shape[1] == 0:  # a text-only stream (data.<stream>_patches_per_row=0)
+        return embeds
     visual = vision_tower(params["visual"], batch["patches"], batch["patch_segment_ids"],
                           batch["patch_positions"], cfg).astype(dtype)  # [shards, merged, hidden]
     hidden = embeds.shape[-1]

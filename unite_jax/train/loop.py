@@ -16,9 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
-import time
 from typing import Any
 
 import jax
@@ -39,7 +37,7 @@ from unite_jax.train.checkpoint import RunCheckpointer
 from unite_jax.train.encode import make_encoder
 from unite_jax.train.metrics_log import MetricsLog, Throughput, console, progress_line
 from unite_jax.train.optim import make_optimizer
-from unite_jax.train.state import TrainState, create_state
+from unite_jax.train.state import create_state
 from unite_jax.train.step import LossSettings, full_params, train_step
 
 MODEL_DIR = "model"
@@ -207,12 +205,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         metrics_log.truncate_after(start_step)
         console(f"{stage}: resumed from {workdir}/{CHECKPOINT_DIR}/{latest} (step {start_step})")
 
-    spec = BatchSpec(num_chunks=chunks, local_shards=local_shards, rows_per_shard=rows_per_shard,
-                     seq_len=config.data.seq_len, patches_per_row=config.data.patches_per_row,
-                     vision_block=config.data.vision_block, hard_negatives=config.data.hard_negatives,
-                     max_text_tokens=config.data.max_text_tokens, pad_id=tokenizer.pad_id,
-                     patch_dim=cfg.vision.patch_dim, merge_size=cfg.vision.spatial_merge_size,
-                     position_mode=cfg.positions)
+    spec = BatchSpec.from_config(config.data, num_chunks=chunks, local_shards=local_shards,
+                                 rows_per_shard=rows_per_shard, pad_id=tokenizer.pad_id,
+                                 patch_dim=cfg.vision.patch_dim, merge_size=cfg.vision.spatial_merge_size,
+                                 position_mode=cfg.positions)
     iterator = build_train_iterator(config.data, spec, tokenizer, processor, seed=config.seed)
     if data_state is not None:
         iterator.set_state(data_state)
