@@ -305,8 +305,7 @@ def fit_problem(item: PackableInput, spec: BatchSpec, stream: str = "query") -> 
                 "(raise data.vision_block or lower data.max_pixels)")
     tiles = first_fit(sizes, spec.vision_block)[1]
     if tiles * spec.vision_block > row_budget:
-        setting = (f"data.{stream}_patches_per_row" if spec.stream_row_budget(stream) != spec.patches_per_row
-                   else "data.patches_per_row")
+        setting = "data.patches_per_row" if row_budget == spec.patches_per_row else f"data.{stream}_patches_per_row"
         return (f"{sum(sizes)} patches need {tiles} vision tiles of {spec.vision_block}, more than "
                 f"{setting}={row_budget} (raise it or lower the pixel budget / frame count)")
     if item.num_tokens > spec.seq_len:
