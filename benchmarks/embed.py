@@ -83,7 +83,7 @@ def make_items(n: int, seed: int = 0) -> list[dict]:
 
 def prepared_items(model_dir: str, n: int):
     """The items tokenised and pre-processed by the library (host side only, no JAX compute)."""
-    from unite_jax.api import prepare_item
+    from unite_jax.data.items import prepare_item
     from unite_jax.data import media
     from unite_jax.data.tokenize import PromptTokenizer
 
@@ -142,7 +142,8 @@ def jax_worker(args) -> None:
 
     from unite_jax import Embedder
     from unite_jax.data.packing import choose_shapes, pack_batch
-    from unite_jax.model.embedder import BATCH_KEYS, embed
+    from unite_jax.data.packing import BATCH_KEYS
+    from unite_jax.model.embedder import embed
 
     embedder = Embedder.from_pretrained(args.model_dir)
     prepared = prepared_items(args.model_dir, args.batch)

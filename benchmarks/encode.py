@@ -212,7 +212,7 @@ def main() -> None:
 
     import jax
 
-    from unite_jax.data.demo_data import build_demo_data
+    from unite_jax.demo.dataset import build_demo_data
 
     work_dir = tempfile.mkdtemp(prefix="unite_bench_encode_")
     model_dir, data_dir = os.path.join(work_dir, "model"), os.path.join(work_dir, "data")

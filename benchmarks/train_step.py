@@ -222,7 +222,7 @@ def jax_cpu_worker(args) -> None:
                                  patch_dim=cfg.vision.patch_dim, merge_size=cfg.vision.spatial_merge_size,
                                  position_mode=cfg.positions)
     children_cpu = _children_cpu_s()
-    iterator = build_train_iterator(data_cfg, spec, tokenizer, processor, seed=0)
+    iterator = build_train_iterator(data_cfg, spec, tokenizer, processor, seed=0, process_index=0, process_count=1)
     put = functools.partial(parallel.host_to_global, mesh=mesh, batch_axis=1)
     prefetcher = prefetch_to_device(iterator, put, size=2)
 
@@ -362,7 +362,7 @@ def synthetic_items(count: int, image_size: int, seed: int, words: int = 4000) -
 
 def prepare_stream(items, seq_len: int, tokenizer, processor) -> list:
     """prepare_item with the text cut so that each row fills ~seq_len tokens (the vision block is never cut)."""
-    from unite_jax.api import prepare_item
+    from unite_jax.data.items import prepare_item
 
     probe = prepare_item({"text": "a", "image": items[0]["image"]}, 0, tokenizer, processor, max_text_tokens=1)
     overhead = probe.num_tokens - 1  # template + vision tokens
@@ -382,7 +382,7 @@ def pack_stream(items, *, num_shards: int, rows_per_shard: int, seq_len: int, pa
                 vision_block: int, pad_id: int, cfg) -> dict:
     """One stream in the pipeline's layout with C = 1 (pipeline.pack_examples without its grain import)."""
     from unite_jax.data.packing import pack_batch
-    from unite_jax.model.embedder import BATCH_KEYS
+    from unite_jax.data.packing import BATCH_KEYS
 
     packed = pack_batch(items, num_shards=num_shards, rows_per_shard=rows_per_shard, seq_len=seq_len,
                         patch_budget=rows_per_shard * patches_per_row, pad_id=pad_id,
@@ -698,7 +698,7 @@ def main() -> None:
 
     import jax
 
-    from unite_jax.data.demo_data import build_demo_data
+    from unite_jax.demo.dataset import build_demo_data
 
     emit({"bench": "env", "mode": "cpu", "backend": jax.default_backend(), "devices": jax.device_count(),
           "cpu_count": os.cpu_count(), "jax": jax.__version__, "load_avg": load_average()})

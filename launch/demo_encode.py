@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from unite_jax import Embedder  # noqa: E402
-from unite_jax.convert.random_model import write_random_model  # noqa: E402
+from unite_jax.demo.random_model import write_random_model  # noqa: E402
 
 
 def shape_image(shape: str, color: str, size=(224, 168)) -> Image.Image:

@@ -17,8 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from unite_jax.eval import cli  # noqa: E402
-from unite_jax.eval.items import QUERY_KEYS, items_fingerprint, model_inputs, read_items, with_instruction  # noqa: E402
+from unite_jax.cli import common as cli  # noqa: E402
+from unite_jax.eval.items import QUERY_KEYS, encode_inputs, items_fingerprint, read_items  # noqa: E402
 from unite_jax.eval.progress import log  # noqa: E402
 from unite_jax.eval.store import encode_to_file, ids_path_for, run_key  # noqa: E402
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     items = read_items(args.input, extra_keys=QUERY_KEYS)
     key = run_key(model=cli.model_key(args), items=items_fingerprint(args.input, items),
                   instruction=args.instruction or None)
-    inputs = [model_inputs(with_instruction(item, args.instruction)) for item in items]
+    inputs = encode_inputs(items, args.instruction)
     out_dir = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(out_dir, exist_ok=True)
     complete = encode_to_file(cli.lazy_encode_fn(args), inputs, [item["id"] for item in items], args.output, key=key,

@@ -4,7 +4,7 @@
 
 Everything comes from data inside installed packages (scikit-learn's digits,
 scikit-image's sample photos); the same seed gives the same files. Existing files
-of the same names in DIR are overwritten. See unite_jax/data/demo_data.py.
+of the same names in DIR are overwritten. See unite_jax/demo/dataset.py.
 """
 
 import argparse
@@ -14,7 +14,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from unite_jax.data.demo_data import build_demo_data  # noqa: E402
+from unite_jax.demo.dataset import build_demo_data  # noqa: E402
 
 
 def main() -> None:

@@ -20,7 +20,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from unite_jax.data import media
-from unite_jax.data.demo_data import MediaWriter, build_demo_data, rgb_to_yuv420p
+from unite_jax.demo.dataset import build_demo_data
+from unite_jax.demo.render import MediaWriter, rgb_to_yuv420p
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 SCALE = 0.1

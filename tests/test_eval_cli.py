@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from unite_jax import Embedder
-from unite_jax.convert.random_model import write_random_model
+from unite_jax.demo.random_model import write_random_model
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TOL = 1e-5  # batch composition differs between the CLI's shards and one encode call

@@ -224,3 +224,18 @@ def test_bfloat16_compute_stays_close_to_float32(loaded):
 
 def vision_positions(t, h, w):
     return get_vision_position_ids(torch.tensor([[t, h, w]]), 2).numpy()[None].astype(np.int32)
+
+
+def test_tiny_preset_token_ids_are_the_tiny_tokenizers(tiny_tokenizer_dir):
+    """The tiny preset spells its vocabulary size and special-token ids as literals (model/ does not import
+    data/); they must be what the tiny tokenizer really assigns."""
+    from tokenizers import Tokenizer
+
+    from unite_jax.data import tiny_tokenizer
+    from unite_jax.model.config import preset
+
+    cfg = preset("tiny")
+    tokenizer = Tokenizer.from_file(f"{tiny_tokenizer_dir}/tokenizer.json")
+    assert cfg.text.vocab_size == tiny_tokenizer.VOCAB_SIZE >= tokenizer.get_vocab_size(with_added_tokens=True)
+    assert (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id) == tuple(
+        tokenizer.token_to_id(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))

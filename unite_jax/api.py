@@ -25,13 +25,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unite_jax.data import media
-from unite_jax.data.packing import PackableInput, choose_shapes, pack_batch
+from unite_jax.data.items import prepare_item
+from unite_jax.data.packing import BATCH_KEYS, PackableInput, choose_shapes, pack_batch
 from unite_jax.data.tokenize import PromptTokenizer
 from unite_jax.model.config import ModelConfig
-from unite_jax.model.embedder import BATCH_KEYS, embed
-
-ITEM_KEYS = ("text", "image", "video", "id")
-
+from unite_jax.model.embedder import embed
 
 class Embedder:
     """UNITE embedder: items -> L2-normalised vectors, batched by size over all local devices."""
@@ -139,48 +137,6 @@ class Embedder:
         return self._forward(self.params, batch, self.cfg.replace(vision_block=vision_block))
 
 
-def prepare_item(item: dict, index: int, tokenizer: PromptTokenizer, processor: media.ProcessorConfig,
-                 max_text_tokens: int | None = 2048) -> PackableInput:
-    """One input item -> its tokenised prompt and pre-processed media; errors name the item index."""
-    if not isinstance(item, dict):
-        raise TypeError(f"item {index}: expected a dict with 'text', 'image' and/or 'video', "
-                        f"got {type(item).__name__}")
-    unknown = sorted(set(item) - set(ITEM_KEYS))
-    if unknown:
-        raise ValueError(f"item {index}: unknown key(s) {unknown}; allowed: {list(ITEM_KEYS)}")
-    text = item.get("text")
-    if text is not None and not isinstance(text, str):
-        raise TypeError(f"item {index}: 'text' must be a string, got {type(text).__name__}")
-    try:
-        # Patches stay uint8 levels until pack_batch normalises them into the batch buffer.
-        visions = [("image", *media.image_pixel_patches(src, processor))
-                   for src in _as_list(item.get("image"), kind="image")]
-        visions += [("video", *media.video_pixel_patches(src, processor))
-                    for src in _as_list(item.get("video"), kind="video")]
-    except (ValueError, TypeError, OSError) as e:  # MediaError is a ValueError
-        raise _with_item_index(e, index) from e
-    if not visions and not (text and text.strip()):
-        raise ValueError(f"item {index}: empty input (no text, image or video)")
-    merge_unit = processor.merge_size**2
-    kinds = [kind for kind, _, _ in visions]
-    counts = [patches.shape[0] // merge_unit for _, patches, _ in visions]
-    try:
-        prompt = tokenizer.encode(text, counts, kinds, max_text_tokens=max_text_tokens)
-    except ValueError as e:
-        raise ValueError(f"item {index}: {e}") from e
-    return PackableInput(prompt.input_ids, [p for _, p, _ in visions],
-                         [tuple(int(g) for g in np.ravel(grid)) for _, _, grid in visions], prompt.vision_runs)
-
-
-def _with_item_index(error: Exception, index: int) -> Exception:
-    """The same kind of error with the item index in front of its message."""
-    message = f"item {index}: {error}"
-    try:
-        return type(error)(message)
-    except TypeError:  # an exception class whose constructor needs more than a message
-        return ValueError(message)
-
-
 def _device_put_in_place(tree: dict, sharding) -> dict:
     """Moves a nested dict of host arrays to devices leaf by leaf, replacing each leaf in the dict.
 
@@ -195,20 +151,6 @@ def _device_put_in_place(tree: dict, sharding) -> dict:
             tree[key] = jax.block_until_ready(jax.device_put(value, sharding))
             del value
     return tree
-
-
-def _as_list(source: Any, kind: str) -> list:
-    """Normalises an item's image/video field to a list of media sources."""
-    if source is None:
-        return []
-    if kind == "video":
-        # a list of paths is several videos; a list of frames (arrays / PIL images) is one video
-        if isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, os.PathLike)) for s in source):
-            return list(source)
-        return [source]
-    if isinstance(source, (list, tuple)):
-        return list(source)
-    return [source]
 
 
 def _progress(done: int, total: int, start_time: float) -> None:

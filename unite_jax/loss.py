@@ -3,7 +3,7 @@
 The loss (UNITE.md, "Loss")
 ---------------------------
 For a global batch of B query/positive pairs with L2-normalised embeddings
-q_i, c_i ([batch, dim]) and target-modality codes m_i (bitmask: text 1,
+q_i, c_i ([batch, dim]) and target-modality codes m_i (`unite_jax.modality`: text 1,
 image 2, video 4, OR-ed for fused inputs: 3 = text+image, 5 = text+video):
 
     S[i, j]  = q_i . col_j / temperature                  (float32, or wider)
@@ -106,10 +106,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-TEXT = 1
-IMAGE = 2
-VIDEO = 4
-KNOWN_MODALITY_BITS = TEXT | IMAGE | VIDEO
+from unite_jax.modality import IMAGE, KNOWN_BITS as KNOWN_MODALITY_BITS, TEXT, VIDEO
 # Number of distinct codes a valid modality can take (0..7); used to count
 # masked entries with a histogram instead of a [rows, columns] matrix.
 _NUM_CODES = KNOWN_MODALITY_BITS + 1

@@ -35,17 +35,22 @@ import abc
 import dataclasses
 import json
 import os
-import re
 import threading
 from typing import Any
 
 import numpy as np
 
-MODALITY_CODES = {"text": 1, "image": 2, "video": 4}
-ITEM_FIELDS = ("text", "image", "video")
+from unite_jax import modality
+from unite_jax.data.items import (
+    INPUT_KEYS,
+    canonical_text,
+    item_modality,
+    join_instruction,
+    media_paths,
+    resolve_path,
+)
+
 MMEB_KEYS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path")
-_MMEB_IMAGE_MARKER = re.compile(r"<\|image_\d+\|>")
-_PLACEHOLDERS = ("<|IMAGE|>", "<|VIDEO|>")
 
 # Kinds of skipped records. The first group is bad input; the second is valid input that this
 # run's static shapes or settings cannot use.
@@ -87,7 +92,7 @@ class BadRecord:
 
 @dataclasses.dataclass
 class Example:
-    """One parsed record. Inputs are dicts for `unite_jax.api.prepare_item`: `text` (str or None),
+    """One parsed record. Inputs are items (`unite_jax.data.items`): `text` (str or None),
     `image` (list of sources), `video` (list of paths, or one [T, H, W, 3] frame array)."""
 
     query: dict
@@ -105,65 +110,26 @@ class Example:
 
 
 def modality_code(value: Any, field: str = "target_modal") -> int:
-    """'text' -> 1, 'image' -> 2, 'video' -> 4, 'text,image' -> 3 (any order, spaces allowed); ints 1..7 pass.
-
-    Raises RecordError("unknown modality") for anything else.
-    """
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        if 1 <= int(value) <= 7:
-            return int(value)
-        raise RecordError("unknown modality", f"{field}: code {value} is not in 1..7 (text=1, image=2, video=4)")
-    if not isinstance(value, str):
-        raise RecordError("unknown modality", f"{field}: expected a string like 'text,image', got "
-                                              f"{type(value).__name__}")
-    code = 0
-    for name in value.split(","):
-        name = name.strip().lower()
-        if name not in MODALITY_CODES:
-            raise RecordError("unknown modality", f"{field}: unknown modality {name!r} in {value!r}; expected "
-                                                  "names among text, image, video joined by ','")
-        code |= MODALITY_CODES[name]
-    return code
-
-
-def has_text(text: str | None) -> bool:
-    """True when the text has content besides vision placeholders (the prompt's 'sentence' rule)."""
-    if not text:
-        return False
-    for placeholder in _PLACEHOLDERS:
-        text = text.replace(placeholder, "")
-    return bool(text.strip())
-
-
-def item_modality(item: dict) -> int:
-    """Bitmask of what an input holds: text=1 (besides placeholders), image=2, video=4."""
-    video = item.get("video")
-    has_video = video is not None and (not isinstance(video, list) or len(video) > 0)
-    return ((MODALITY_CODES["text"] if has_text(item.get("text")) else 0)
-            | (MODALITY_CODES["image"] if item.get("image") else 0)
-            | (MODALITY_CODES["video"] if has_video else 0))
+    """`unite_jax.modality.parse` with RecordError("unknown modality") for anything it rejects."""
+    try:
+        return modality.parse(value, field)
+    except ValueError as e:
+        raise RecordError("unknown modality", str(e)) from e
 
 
 def _media_list(value: Any, role: str, field: str) -> list[str]:
     """A path or a list of paths -> list of non-empty paths (empty strings / lists mean absent)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value] if value.strip() else []
-    if isinstance(value, list):
-        if not all(isinstance(v, str) for v in value):
-            raise RecordError("invalid record", f"{role}.{field}: expected a path or a list of paths, got a list "
-                                                f"holding {sorted({type(v).__name__ for v in value})}")
-        return [v for v in value if v.strip()]
-    raise RecordError("invalid record", f"{role}.{field}: expected a path or a list of paths, got "
-                                        f"{type(value).__name__}")
+    try:
+        return media_paths(value, f"{role}.{field}")
+    except ValueError as e:
+        raise RecordError("invalid record", str(e)) from e
 
 
 def resolve_media(paths: list[str], media_root: str, role: str, field: str) -> list[str]:
     """Joins relative paths to `media_root`; RecordError("missing file") names the first absent one."""
     out = []
     for path in paths:
-        full = path if os.path.isabs(path) else os.path.join(media_root, path)
+        full = resolve_path(path, media_root)
         if not os.path.isfile(full):
             raise RecordError("missing file", f"{role}.{field}: {full} not found")
         out.append(full)
@@ -192,10 +158,10 @@ def parse_unite_item(obj: Any, role: str, media_root: str) -> dict:
     if not isinstance(obj, dict):
         raise RecordError("invalid record", f"{role}: expected an object with text/image/video, got "
                                             f"{type(obj).__name__}")
-    unknown = sorted(set(obj) - set(ITEM_FIELDS))
+    unknown = sorted(set(obj) - set(INPUT_KEYS))
     if unknown:
         raise RecordError("unknown modality", f"{role}: unknown modality key(s) {unknown}; expected some of "
-                                              f"{list(ITEM_FIELDS)}")
+                                              f"{list(INPUT_KEYS)}")
     text = _text(obj.get("text"), role)
     images = resolve_media(_media_list(obj.get("image"), role, "image"), media_root, role, "image")
     videos = resolve_media(_media_list(obj.get("video"), role, "video"), media_root, role, "video")
@@ -217,8 +183,7 @@ def parse_unite_record(obj: dict, where: str, media_root: str) -> Example:
     if instruction is not None:
         if not isinstance(query_obj, dict):
             raise RecordError("invalid record", f"query: expected an object, got {type(query_obj).__name__}")
-        query_text = _text(query_obj.get("text"), "query")
-        query_obj = dict(query_obj, text=instruction.strip() + ("\n" + query_text.strip() if query_text else ""))
+        query_obj = dict(query_obj, text=join_instruction(instruction, _text(query_obj.get("text"), "query")))
     query = parse_unite_item(query_obj, "query", media_root)
     candidate = parse_unite_item(obj["candidate"], "candidate", media_root)
     negative, negative_error = None, None
@@ -234,9 +199,7 @@ def parse_unite_record(obj: dict, where: str, media_root: str) -> Example:
 
 
 def _mmeb_item(obj: dict, text_key: str, image_key: str, role: str, media_root: str) -> dict | None:
-    text = _text(obj.get(text_key), role, text_key)
-    if text is not None:
-        text = _MMEB_IMAGE_MARKER.sub("<|IMAGE|>", text)
+    text = canonical_text(_text(obj.get(text_key), role, text_key))
     images = resolve_media(_media_list(obj.get(image_key), role, image_key), media_root, role, image_key)
     if text is None and not images:
         return None

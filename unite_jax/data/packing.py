@@ -11,6 +11,7 @@ Layout (DESIGN.md "Static shapes and packing"); S shards, b rows per shard, L to
   merged_dest       [S, P/4] int32   slot of each merged token in the shard's b*L text slots; b*L = dropped
   valid             [S*b] bool       False for rows that only pad the batch
 A new input size only compiles anew when it crosses into a new (L, P, block) bucket.
+The embedder (`unite_jax.model.embedder.embed`) reads the BATCH_KEYS; `valid` stays on the host.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def geometric_buckets(start: int, stop: int, multiple: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
+# The arrays of a packed batch that the embedder reads (everything pack_batch returns but `valid`).
+BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "patches", "patch_segment_ids", "patch_positions",
+              "merged_dest")
 SEQ_BUCKETS = geometric_buckets(32, 65536, 16)
 # Vision attention tile sizes in patches (multiples of 16 keep 2x2 merge windows whole).
 VISION_BLOCK_BUCKETS = geometric_buckets(64, 32768, 16)

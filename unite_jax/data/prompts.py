@@ -21,9 +21,14 @@ _BLOCKS = {"image": IMAGE_BLOCK, "video": VIDEO_BLOCK}
 _PLACEHOLDERS = {"image": IMAGE_PLACEHOLDER, "video": VIDEO_PLACEHOLDER}
 
 
-def modalities_phrase(has_text: bool, num_images: int, num_videos: int) -> str:
+def has_text(text: str | None) -> bool:
+    """True when the text has content besides vision placeholders (the prompt's 'sentence')."""
+    return bool(text and text.replace(IMAGE_PLACEHOLDER, "").replace(VIDEO_PLACEHOLDER, "").strip())
+
+
+def modalities_phrase(with_text: bool, num_images: int, num_videos: int) -> str:
     """'sentence', 'image', 'video', 'sentence and image', ... in the order text, image, video."""
-    names = [name for name, present in (("sentence", has_text), ("image", num_images > 0),
+    names = [name for name, present in (("sentence", with_text), ("image", num_images > 0),
                                          ("video", num_videos > 0)) if present]
     if not names:
         raise ValueError("an input needs at least one of text, image or video")
@@ -67,7 +72,6 @@ def _placeholder_order(text: str) -> list[str]:
 
 def build_prompt(text: str | None, num_images: int = 0, num_videos: int = 0) -> tuple[str, list[str]]:
     """Full UNITE prompt (one pad token per vision block) and the media kinds in order."""
-    has_text = bool(text and text.replace(IMAGE_PLACEHOLDER, "").replace(VIDEO_PLACEHOLDER, "").strip())
     content, order = build_content(text, num_images, num_videos)
-    tail = PROMPT_TAIL.format(modalities=modalities_phrase(has_text, num_images, num_videos))
+    tail = PROMPT_TAIL.format(modalities=modalities_phrase(has_text(text), num_images, num_videos))
     return PROMPT_HEAD + content + tail, order

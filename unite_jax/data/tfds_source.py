@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from unite_jax.data.items import item_modality, join_instruction
 from unite_jax.data.manifest import (
     DataError,
     Example,
     RecordError,
     RecordSource,
-    item_modality,
     make_item,
     modality_code,
     resolve_media,
@@ -149,7 +149,7 @@ def _as_text(value: Any, field: str) -> str | None:
 
 
 def _image_sources(value: Any, field: str, media_root: str) -> list:
-    """A feature value -> list of image sources for prepare_item (paths, PIL images, arrays)."""
+    """A feature value -> list of image sources of an item (paths, PIL images, arrays)."""
     if value is None:
         return []
     if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3:
@@ -211,8 +211,7 @@ def record_to_example(record: dict, fields: dict[str, str], where: str, media_ro
         text = _as_text(get(f"{side}_text"), f"{side}_text")
         if side == "query":
             instruction = _as_text(get("instruction"), "instruction")
-            if instruction:
-                text = instruction.strip() + ("\n" + text.strip() if text else "")
+            text = join_instruction(instruction, text)
         images = _image_sources(get(f"{side}_image"), f"{side}_image", media_root)
         videos = _video_sources(get(f"{side}_video"), f"{side}_video", media_root)
         has_video = isinstance(videos, np.ndarray) or bool(videos)

@@ -19,14 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from unite_jax.eval import metrics, retrieval
-from unite_jax.eval.items import (
-    QUERY_KEYS,
-    ItemsError,
-    items_fingerprint,
-    model_inputs,
-    read_items_with_lines,
-    with_instruction,
-)
+from unite_jax.eval.items import QUERY_KEYS, ItemsError, encode_inputs, items_fingerprint, read_items_with_lines
 from unite_jax.eval.progress import Progress, log
 from unite_jax.eval.store import EmbeddingCache, EncodeFn, encode_in_chunks, run_key
 
@@ -112,7 +105,8 @@ def evaluate(encode_fn: EncodeFn, queries_path: str, candidates_path: str, *, ba
     """Encodes both files with encode_fn and returns `score_task`'s metrics (a JSON-ready dict).
 
     batch_size: items handed to encode_fn per call (None: all of one file in one call).
-    query_instruction / candidate_instruction: put in front of each item's text ("instruction\\ntext").
+    query_instruction / candidate_instruction: put in front of each item's text as in training
+        (`unite_jax.data.items.join_instruction`).
     cache_dir: when given, vectors are stored as CACHE_DIR/<key>.npy with key = hash(model_key,
         the items file's bytes and its media files' sizes and mtimes, the instruction); a later call
         with the same key loads them instead of encoding. model_key is then required: a string that
@@ -135,7 +129,7 @@ def evaluate(encode_fn: EncodeFn, queries_path: str, candidates_path: str, *, ba
                 log(f"{label}: {len(items)} vectors from cache {cache.path(key)}")
             encoded[key] = cached
             return cached
-        inputs = [model_inputs(with_instruction(item, instruction)) for item in items]
+        inputs = encode_inputs(items, instruction)
         vectors = encode_in_chunks(encode_fn, inputs, batch_size, Progress(len(items), label, enabled=show_progress),
                                    lines)
         if cache is not None:

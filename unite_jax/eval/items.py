@@ -1,7 +1,8 @@
 """Reading items files: one JSON object per line, validated with errors that name FILE:LINE and the field.
 
-An item line is `{"id": str, "text"?: str, "image"?: path | [paths], "video"?: path | [paths]}`.
-Media paths are relative to the directory of the JSONL file (absolute paths are kept) and must exist.
+An item line is `{"id": str, "text"?: str, "image"?: path | [paths], "video"?: path | [paths]}`, the
+item schema of `unite_jax.data.items` with a required id. Media paths are relative to the directory
+of the JSONL file (absolute paths are kept) and must exist.
 Query files of an evaluation also carry `"positives": [candidate ids]` and optionally
 `"candidates": [candidate ids]` (MMEB style). Blank lines are skipped; line numbers count them.
 """
@@ -13,8 +14,9 @@ import json
 import os
 from collections.abc import Sequence
 
+from unite_jax.data.items import ITEM_KEYS, media_paths, model_inputs, resolve_path, with_instruction
+
 MEDIA_KEYS = ("image", "video")
-ITEM_KEYS = ("id", "text", "image", "video")
 QUERY_KEYS = ("positives", "candidates")
 
 
@@ -90,8 +92,9 @@ def parse_item(line: str, where: str, allowed: Sequence[str], base_dir: str, che
             raise ItemsError(f"{where}: field 'text': expected a string, got {type(text).__name__}")
         item["text"] = text
     for key in MEDIA_KEYS:
-        if record.get(key) is not None:
-            item[key] = _media_paths(record[key], key, where, base_dir, check_media)
+        paths = _media_paths(record.get(key), key, where, base_dir, check_media)
+        if paths:
+            item[key] = paths
     if not any(key in item for key in MEDIA_KEYS) and not (text or "").strip():
         raise ItemsError(f"{where}: item {item_id!r} is empty: it needs a non-blank 'text', an 'image' or a 'video'")
     for key in QUERY_KEYS:
@@ -101,16 +104,17 @@ def parse_item(line: str, where: str, allowed: Sequence[str], base_dir: str, che
 
 
 def _media_paths(value, key: str, where: str, base_dir: str, check_media: bool):
-    """A path or a non-empty list of paths, resolved against the items file's directory."""
-    paths = value if isinstance(value, list) else [value]
-    if not paths or not all(isinstance(p, str) and p for p in paths):
-        raise ItemsError(f"{where}: field {key!r}: expected a path or a non-empty list of paths, got {value!r}")
-    resolved = [os.path.normpath(os.path.join(base_dir, p)) for p in paths]
+    """A path or a list of paths (`media_paths`), resolved against the items file's directory."""
+    try:
+        paths = media_paths(value, f"{where}: field {key!r}")
+    except ValueError as e:
+        raise ItemsError(str(e)) from e
+    resolved = [resolve_path(p, base_dir) for p in paths]
     if check_media:
         for original, full in zip(paths, resolved):
             if not os.path.isfile(full):
                 raise ItemsError(f"{where}: field {key!r}: file {original!r} not found (looked at {full})")
-    return resolved if isinstance(value, list) else resolved[0]
+    return resolved if isinstance(value, list) else (resolved[0] if resolved else [])
 
 
 def _id_list(value, key: str, where: str) -> list[str]:
@@ -123,21 +127,10 @@ def _id_list(value, key: str, where: str) -> list[str]:
     return list(value)
 
 
-def model_inputs(item: dict) -> dict:
-    """The keys of an item that `Embedder.encode` reads (drops id, positives, candidates)."""
-    return {key: item[key] for key in ("text", "image", "video") if key in item}
-
-
-def with_instruction(item: dict, instruction: str | None) -> dict:
-    """The item with `instruction` put in front of its text, as UNITE stage 2 writes instructions.
-
-    "instruction\\ntext", or the instruction alone when the item has no text (an image / video
-    query then reads "<vision block>instruction", the media going before the text).
-    """
-    if not instruction:
-        return item
-    text = item.get("text")
-    return {**item, "text": f"{instruction}\n{text}" if text else instruction}
+def encode_inputs(items: Sequence[dict], instruction: str | None = None) -> list[dict]:
+    """What the model encodes for each item read from a file: its inputs, with `instruction` in front of
+    the text as in training (`unite_jax.data.items.with_instruction`)."""
+    return [model_inputs(with_instruction(item, instruction)) for item in items]
 
 
 def file_sha256(path: str, chunk_bytes: int = 1 << 20) -> str:

@@ -283,19 +283,17 @@ def preset(name: str, **run_options: Any) -> ModelConfig:
             **run_options,
         )
     if name == "tiny":
-        # Token ids follow the tiny test/demo tokenizer (unite_jax.data.tiny_tokenizer).
-        from unite_jax.data import tiny_tokenizer
-
-        ids = tiny_tokenizer.SPECIAL_TOKEN_IDS
+        # The vocabulary size and special-token ids of the tiny test/demo tokenizer
+        # (unite_jax.data.tiny_tokenizer; tests/test_model.py checks that they agree).
         return ModelConfig(
             vision=VisionConfig(depth=2, embed_dim=64, num_heads=4, mlp_ratio=2.0, out_hidden_size=64),
-            text=TextConfig(vocab_size=tiny_tokenizer.VOCAB_SIZE, hidden_size=64, intermediate_size=128,
+            text=TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
                             num_layers=2, num_heads=4, num_kv_heads=2, mrope_section=(2, 3, 3),
                             tie_word_embeddings=True),
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
+            image_token_id=5,
+            video_token_id=6,
+            vision_start_token_id=3,
+            vision_end_token_id=4,
             **run_options,
         )
     raise ValueError(f"unknown model preset {name!r}; expected one of '2b', '7b', 'tiny'")

@@ -4,7 +4,9 @@ The batch is laid out per data shard (DESIGN.md, "Static shapes and packing"):
 text rows [batch, seq] with batch = shards * rows_per_shard, and one packed row
 of patches per shard. `merged_dest` sends each merged visual token to its pad
 slot in the shard's flattened text rows; padding tokens point at one extra
-"dump" slot that is dropped afterwards.
+"dump" slot that is dropped afterwards. The keys it reads are the packer's BATCH_KEYS
+(`unite_jax.data.packing`): input_ids, attention_mask, position_ids, patches, patch_segment_ids,
+patch_positions, merged_dest.
 """
 
 from __future__ import annotations
@@ -15,10 +17,6 @@ import jax.numpy as jnp
 from unite_jax.model.config import ModelConfig
 from unite_jax.model.text import text_model
 from unite_jax.model.vision import vision_tower
-
-BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "patches", "patch_segment_ids", "patch_positions",
-              "merged_dest")
-
 
 def input_embeddings(params: dict, batch: dict, cfg: ModelConfig) -> jnp.ndarray:
     """Token embeddings with the vision tower's merged tokens scattered into the pad slots.

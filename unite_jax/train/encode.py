@@ -18,12 +18,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from unite_jax.api import prepare_item
+from unite_jax.data.items import prepare_item
 from unite_jax.data.media import ProcessorConfig
 from unite_jax.data.packing import choose_shapes, pack_batch
 from unite_jax.data.tokenize import PromptTokenizer
 from unite_jax.model.config import ModelConfig
-from unite_jax.model.embedder import BATCH_KEYS, embed
+from unite_jax.data.packing import BATCH_KEYS
+from unite_jax.model.embedder import embed
 from unite_jax.parallel import BATCH_AXES
 
 

@@ -209,7 +209,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                  rows_per_shard=rows_per_shard, pad_id=tokenizer.pad_id,
                                  patch_dim=cfg.vision.patch_dim, merge_size=cfg.vision.spatial_merge_size,
                                  position_mode=cfg.positions)
-    iterator = build_train_iterator(config.data, spec, tokenizer, processor, seed=config.seed)
+    iterator = build_train_iterator(config.data, spec, tokenizer, processor, seed=config.seed,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
     if data_state is not None:
         iterator.set_state(data_state)
 

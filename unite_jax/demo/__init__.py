@@ -1,0 +1,1 @@
+"""The demo: a small dataset built from data shipped in scikit-learn / scikit-image, and a random tiny model."""
