@@ -61,6 +61,7 @@ def main() -> None:
     from unite_jax.data.tokenize import PromptTokenizer
     from unite_jax.data.packing import BATCH_KEYS
     from unite_jax.model.embedder import embed
+    from unite_jax.model.options import RunOptions
 
     directory = tempfile.mkdtemp(prefix="unite_attention_gpu_")
     tiny_tokenizer.build(directory)
@@ -82,13 +83,14 @@ def main() -> None:
     if jax.default_backend() != "gpu":
         variants[0] = ("cudnn_bf16", "bfloat16", "xla")  # dry run: the same code path, XLA attention
     for name, dtype, impl in variants:
-        cfg = model_config(args.model, compute_dtype=dtype, param_dtype=dtype, attention_impl=impl, vision_block=block)
+        cfg = model_config(args.model)
+        run = RunOptions(compute_dtype=dtype, param_dtype=dtype, attention_impl=impl, vision_block=block)
         if dtype == "bfloat16":
-            params_bf16 = params_bf16 or random_params_on_device(cfg, None)
+            params_bf16 = params_bf16 or random_params_on_device(cfg, dtype, None)
             params = params_bf16
         else:
             params = jax.tree.map(lambda x: x.astype(jnp.float32), params_bf16)
-        forward = jax.jit(lambda p, b, cfg=cfg: embed(p, b, cfg))
+        forward = jax.jit(lambda p, b, cfg=cfg, run=run: embed(p, b, cfg, run))
         start = time.perf_counter()
         vectors = np.asarray(jax.block_until_ready(forward(params, batch)), np.float32)
         compile_s = time.perf_counter() - start

@@ -160,8 +160,8 @@ def jax_worker(args) -> None:
                         patch_budget=budget, pad_id=embedder.tokenizer.pad_id, patch_dim=embedder.cfg.vision.patch_dim,
                         vision_block=block)
     batch = {k: jnp.asarray(packed[k]) for k in BATCH_KEYS}
-    cfg = embedder.cfg.replace(vision_block=block)
-    loss = lambda p: info_nce(embed(p, batch, cfg)[: args.batch], lambda x: jax.nn.log_softmax(x, axis=-1),
+    cfg, run = embedder.cfg, embedder.run.replace(vision_block=block)
+    loss = lambda p: info_nce(embed(p, batch, cfg, run)[: args.batch], lambda x: jax.nn.log_softmax(x, axis=-1),
                               jnp.diagonal)
     grad_fn = jax.jit(jax.value_and_grad(loss))
     start = time.perf_counter()
@@ -185,11 +185,13 @@ def bench_2b(args) -> None:
     from unite_jax.model import params as params_lib
     from unite_jax.model.config import preset
     from unite_jax.model.embedder import embed
+    from unite_jax.model.options import RunOptions
 
     block = 1280 * 28 * 28 // 196  # one frame at UNITE's largest image budget per tile
     for remat in ("none", "full"):
-        cfg = preset("2b", compute_dtype="bfloat16", param_dtype="bfloat16", remat=remat, vision_block=block)
-        abstract = params_lib.abstract_params(cfg)
+        cfg = preset("2b")
+        run = RunOptions(compute_dtype="bfloat16", param_dtype="bfloat16", remat=remat, vision_block=block)
+        abstract = params_lib.abstract_params(cfg, run.param_dtype)
         rows, seq, patches = args.batch_2b, 512, args.batch_2b * block
         batch = {
             "input_ids": jax.ShapeDtypeStruct((rows, seq), jnp.int32),
@@ -201,9 +203,9 @@ def bench_2b(args) -> None:
             "merged_dest": jax.ShapeDtypeStruct((1, patches // 4), jnp.int32),
         }
         param_bytes = sum(int(np.prod(x.shape)) * 2 for x in jax.tree.leaves(abstract))
-        functions = {"fwd_bwd": jax.grad(lambda p, b: jnp.sum(embed(p, b, cfg)[:, 0]))}
+        functions = {"fwd_bwd": jax.grad(lambda p, b: jnp.sum(embed(p, b, cfg, run)[:, 0]))}
         if remat == "none":
-            functions = {"forward": lambda p, b: embed(p, b, cfg), **functions}
+            functions = {"forward": lambda p, b: embed(p, b, cfg, run), **functions}
         for name, fn in functions.items():
             start = time.perf_counter()
             compiled = jax.jit(fn).lower(abstract, batch).compile()

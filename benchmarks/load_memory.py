@@ -38,7 +38,7 @@ def worker(model_dir: str, dtype: str, stage: str) -> None:
 
     jax.devices()  # runtime start-up is part of the baseline
     base = high_water_mark()
-    cfg = ModelConfig.from_pretrained(model_dir, param_dtype=dtype, compute_dtype=dtype)
+    cfg = ModelConfig.from_pretrained(model_dir)
     params = load_hf_params(model_dir, cfg, dtype=dtype)
     weights = sum(x.nbytes for x in jax.tree.leaves(params))
     if stage == "device":

@@ -160,6 +160,7 @@ def step_part(args, root, tokenizer) -> None:
     from unite_jax.loss import mamcl_loss
     from unite_jax.model.config import preset
     from unite_jax.model.embedder import embed
+    from unite_jax.model.options import RunOptions
     from unite_jax.model.params import init_params
     from unite_jax.model.pixels import normalize_stream
 
@@ -174,7 +175,8 @@ def step_part(args, root, tokenizer) -> None:
     host = measure(cfg, spec, tokenizer, processor, args.image_batches)
     with build_train_iterator(cfg, spec, tokenizer, processor, seed=0, process_index=0, process_count=1) as it:
         arrays = next(it).arrays
-    model_cfg = preset("tiny").replace(vision_block=spec.vision_block)
+    model_cfg = preset("tiny")
+    run = RunOptions(vision_block=spec.vision_block)
     params = init_params(model_cfg, seed=0, std=0.05)
     query = {k: v[0] for k, v in arrays["query"].items()}
     candidate = {k: v[0] for k, v in arrays["candidate"].items()}
@@ -185,7 +187,7 @@ def step_part(args, root, tokenizer) -> None:
     def loss_fn(llm, frozen, q, c, m):
         p = dict(frozen, model=llm)
         q, c = normalize_stream(q, table), normalize_stream(c, table)
-        return mamcl_loss(embed(p, q, model_cfg), embed(p, c, model_cfg), m)[0]
+        return mamcl_loss(embed(p, q, model_cfg, run), embed(p, c, model_cfg, run), m)[0]
 
     step = jax.jit(jax.value_and_grad(loss_fn))
     frozen = {k: v for k, v in params.items() if k != "model"}

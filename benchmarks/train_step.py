@@ -92,7 +92,7 @@ def summary(times: list[float]) -> dict:
 
 
 # ----------------------------------------------------------------------------- model configs
-def model_config(name: str, **run_options):
+def model_config(name: str):
     """ModelConfig of "tiny", "mid" or "2b" (2b with the tiny tokenizer's special ids: no real tokenizer here)."""
     from unite_jax.data import tiny_tokenizer
     from unite_jax.model.config import ModelConfig, TextConfig, VisionConfig, preset
@@ -101,9 +101,9 @@ def model_config(name: str, **run_options):
     token_ids = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                      vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     if name == "tiny":
-        return preset("tiny", **run_options)
+        return preset("tiny")
     if name == "2b":
-        return preset("2b", **run_options).replace(**token_ids)
+        return preset("2b").replace(**token_ids)
     if name == "mid":
         m = MID
         return ModelConfig(
@@ -112,7 +112,7 @@ def model_config(name: str, **run_options):
             text=TextConfig(vocab_size=tiny_tokenizer.VOCAB_SIZE, hidden_size=m["hidden"],
                             intermediate_size=m["inter"], num_layers=m["layers"], num_heads=m["heads"],
                             num_kv_heads=m["kv"], mrope_section=(8, 12, 12), tie_word_embeddings=True),
-            **token_ids, **run_options)
+            **token_ids)
     raise ValueError(f"--configs: unknown config {name!r}; expected tiny, mid (CPU) or 2b (--gpu)")
 
 
@@ -136,7 +136,15 @@ def dims(cfg) -> dict:
 
 
 # ----------------------------------------------------------------------------- the JAX trainer pieces
-def trainer(cfg, mesh, pixel_table, lora_seed: int = 1):
+def lora_run(**options):
+    """RunOptions with the benchmark's LoRA (r8, alpha 16, no dropout)."""
+    from unite_jax.model import lora as lora_lib
+    from unite_jax.model.options import LoraOptions, RunOptions
+
+    return RunOptions(**options, lora=LoraOptions(lora_lib.lora_scale(LORA_ALPHA, LORA_RANK), dropout=0.0))
+
+
+def trainer(cfg, run, mesh, pixel_table, lora_seed: int = 1):
     """(frozen-param shardings, lora tree placed, make_state, step_fn) built as unite_jax.train.loop does."""
     import jax
 
@@ -154,8 +162,8 @@ def trainer(cfg, mesh, pixel_table, lora_seed: int = 1):
     state_shardings = jax.tree.map(lambda x: x.sharding, make_state(lora))
     # stage 1 of the recipe: symmetric InfoNCE, no modality mask
     settings = LossSettings(temperature=TEMPERATURE, modality_mask=False, symmetric=True)
-    step_fn = jax.jit(functools.partial(train_step, cfg=cfg, settings=settings, tx=tx, schedule=schedule,
-                                        use_lora=True, has_negatives=False, pixel_table=pixel_table),
+    step_fn = jax.jit(functools.partial(train_step, cfg=cfg, run=run, settings=settings, tx=tx, schedule=schedule,
+                                        has_negatives=False, pixel_table=pixel_table),
                       donate_argnums=(0,), out_shardings=(state_shardings, None))
     return lora, (lambda: make_state(lora)), step_fn
 
@@ -198,15 +206,14 @@ def jax_cpu_worker(args) -> None:
     from unite_jax.model.params import abstract_params
 
     mesh = parallel.make_mesh((-1, 1, 1))
-    cfg = ModelConfig.from_pretrained(
-        args.model_dir, positions="sequential", compute_dtype="float32", param_dtype="float32",
-        attention_impl="xla", remat="none", vision_block=args.vision_block,
-        lora_scale=lora_lib.lora_scale(LORA_ALPHA, LORA_RANK), lora_dropout=0.0)
+    cfg = ModelConfig.from_pretrained(args.model_dir)
+    run = lora_run(positions="sequential", compute_dtype="float32", param_dtype="float32", attention_impl="xla",
+                   remat="none", vision_block=args.vision_block)
     tokenizer = PromptTokenizer.from_pretrained(args.model_dir)
     processor = media.ProcessorConfig.from_pretrained(args.model_dir)
     frozen = parallel.shard_tree(load_hf_params(args.model_dir, cfg),
                                  parallel.param_shardings(abstract_params(cfg), mesh))
-    lora, fresh_state, step_fn = trainer(cfg, mesh, media.normalize_table(processor))
+    lora, fresh_state, step_fn = trainer(cfg, run, mesh, media.normalize_table(processor))
     save_lora_a(os.path.join(args.work_dir, "lora_a.npz"), lora)
 
     data_cfg = default_data_config()
@@ -220,7 +227,7 @@ def jax_cpu_worker(args) -> None:
     spec = BatchSpec.from_config(data_cfg, num_chunks=1, local_shards=parallel.local_batch_shards(mesh),
                                  rows_per_shard=args.batch // shards, pad_id=tokenizer.pad_id,
                                  patch_dim=cfg.vision.patch_dim, merge_size=cfg.vision.spatial_merge_size,
-                                 position_mode=cfg.positions)
+                                 position_mode=run.positions)
     children_cpu = _children_cpu_s()
     iterator = build_train_iterator(data_cfg, spec, tokenizer, processor, seed=0, process_index=0, process_count=1)
     put = functools.partial(parallel.host_to_global, mesh=mesh, batch_axis=1)
@@ -319,8 +326,8 @@ def torch_worker(args) -> None:
 
 
 # ----------------------------------------------------------------------------- GPU mode
-def random_params_on_device(cfg, shardings, seed: int = 0, std: float = 0.02):
-    """Random parameters made on the devices (the 2B tree in seconds, no host copy), in cfg.param_dtype,
+def random_params_on_device(cfg, dtype, shardings, seed: int = 0, std: float = 0.02):
+    """Random parameters made on the devices (the 2B tree in seconds, no host copy), in `dtype`,
     with init_params's rules: normal(std) weights, unit norm weights, zero biases."""
     import jax
     import jax.numpy as jnp
@@ -330,7 +337,7 @@ def random_params_on_device(cfg, shardings, seed: int = 0, std: float = 0.02):
     def is_shape(x) -> bool:
         return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
     flat, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=is_shape)
-    dtype = jnp.dtype(cfg.param_dtype)
+    dtype = jnp.dtype(dtype)
 
     def make(key):
         keys = jax.random.split(key, len(flat))
@@ -379,7 +386,7 @@ def prepare_stream(items, seq_len: int, tokenizer, processor) -> list:
 
 
 def pack_stream(items, *, num_shards: int, rows_per_shard: int, seq_len: int, patches_per_row: int,
-                vision_block: int, pad_id: int, cfg) -> dict:
+                vision_block: int, pad_id: int, cfg, positions: str = "sequential") -> dict:
     """One stream in the pipeline's layout with C = 1 (pipeline.pack_examples without its grain import)."""
     from unite_jax.data.packing import pack_batch
     from unite_jax.data.packing import BATCH_KEYS
@@ -387,7 +394,7 @@ def pack_stream(items, *, num_shards: int, rows_per_shard: int, seq_len: int, pa
     packed = pack_batch(items, num_shards=num_shards, rows_per_shard=rows_per_shard, seq_len=seq_len,
                         patch_budget=rows_per_shard * patches_per_row, pad_id=pad_id,
                         patch_dim=cfg.vision.patch_dim, merge_size=cfg.vision.spatial_merge_size,
-                        position_mode=cfg.positions, vision_block=vision_block, share_tiles=False)
+                        position_mode=positions, vision_block=vision_block, share_tiles=False)
     return {key: packed[key][None] for key in BATCH_KEYS}
 
 
@@ -447,10 +454,9 @@ def jax_gpu_worker(args) -> None:
     tiny = args.tiny_gpu_shapes
     on_gpu = jax.default_backend() == "gpu"
     attention = args.gpu_attention or ("cudnn" if on_gpu else "xla")
-    cfg = model_config("tiny" if tiny else "2b", positions="sequential", compute_dtype="bfloat16",
-                       param_dtype="bfloat16", attention_impl=attention, remat="full",
-                       vision_block=args.vision_block, lora_scale=lora_lib.lora_scale(LORA_ALPHA, LORA_RANK),
-                       lora_dropout=0.0)
+    cfg = model_config("tiny" if tiny else "2b")
+    run = lora_run(positions="sequential", compute_dtype="bfloat16", param_dtype="bfloat16",
+                   attention_impl=attention, remat="full", vision_block=args.vision_block)
     mesh = parallel.make_mesh((-1, 1, 1))
     shards = parallel.num_batch_shards(mesh)
     if args.batch % shards:
@@ -470,7 +476,8 @@ def jax_gpu_worker(args) -> None:
         streams[stream] = prepare_stream(items, args.seq_len, tokenizer, processor)
         packed[stream] = pack_stream(streams[stream], num_shards=shards, rows_per_shard=args.batch // shards,
                                      seq_len=args.seq_len, patches_per_row=args.patches_per_row,
-                                     vision_block=args.vision_block, pad_id=tokenizer.pad_id, cfg=cfg)
+                                     vision_block=args.vision_block, pad_id=tokenizer.pad_id, cfg=cfg,
+                                     positions=run.positions)
     host_batch = {**packed, "candidate_modality": np.full((1, args.batch), 3, np.int32),  # text+image
                   "valid": np.ones((1, args.batch), bool)}
     batch = parallel.host_to_global(host_batch, mesh, batch_axis=1)
@@ -478,8 +485,9 @@ def jax_gpu_worker(args) -> None:
     prepare_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    frozen = random_params_on_device(cfg, parallel.param_shardings(abstract_params(cfg), mesh))
-    lora, fresh_state, step_fn = trainer(cfg, mesh, media.normalize_table(processor))
+    frozen = random_params_on_device(cfg, run.param_dtype,
+                                     parallel.param_shardings(abstract_params(cfg, run.param_dtype), mesh))
+    lora, fresh_state, step_fn = trainer(cfg, run, mesh, media.normalize_table(processor))
     save_lora_a(os.path.join(args.work_dir, "lora_a.npz"), lora)
     jax.block_until_ready(frozen)
     init_s = time.perf_counter() - start

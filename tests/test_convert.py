@@ -155,8 +155,8 @@ def test_load_matches_torch_state_dict(reference):
 
 def test_load_casts_to_bfloat16(reference):
     variant, model, directory = reference
-    cfg = ModelConfig.from_pretrained(directory, param_dtype="bfloat16")
-    params = hf.load_hf_params(directory, cfg)
+    cfg = ModelConfig.from_pretrained(directory)
+    params = hf.load_hf_params(directory, cfg, dtype="bfloat16")
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {np.dtype(ml_dtypes.bfloat16)}
     # numpy's float32 -> bfloat16 cast and torch's both round to nearest even.
     assert_trees_equal(params, expected_tree(numpy_state(model, torch.bfloat16), cfg.text.tie_word_embeddings))

@@ -13,6 +13,7 @@ from unite_jax.loss import mamcl_loss
 from unite_jax.model.config import preset
 from unite_jax.data.packing import BATCH_KEYS
 from unite_jax.model.embedder import embed
+from unite_jax.model.options import RunOptions
 from unite_jax.model.params import init_params
 
 
@@ -47,7 +48,7 @@ def test_gradcache_equals_full_batch_gradient_on_tiny_embedder(tiny_tokenizer_di
     packed, block = _packed_chunks(queries + candidates, tokenizer, processor, cfg)
     query_batch, candidate_batch = _stack(packed[:2]), _stack(packed[2:])
     params = jax.tree.map(jnp.asarray, init_params(cfg, seed=3, std=0.2))
-    embed_fn = lambda p, b: embed(p, b, cfg.replace(vision_block=block))
+    embed_fn = lambda p, b: embed(p, b, cfg, RunOptions(vision_block=block))
 
     def loss_fn(q, c):
         return mamcl_loss(q, c, modality, temperature=0.5)

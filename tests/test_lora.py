@@ -4,6 +4,8 @@ References are independent of the code under test: numpy formulas for one linear
 merged kernels, hand-written shapes of the tiny preset, finite differences for gradients.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,7 @@ from unite_jax.model.config import preset
 from unite_jax.model.embedder import embed
 from unite_jax.model.layers import linear
 from unite_jax.model.lora import LORA_TARGETS, abstract_lora, init_lora, lora_scale, lora_shapes, merge_lora, with_lora
+from unite_jax.model.options import LoraOptions, RunOptions
 from unite_jax.model.params import init_params
 from unite_jax.model.text import text_model
 
@@ -25,7 +28,7 @@ RANK = 4
 SCALE = lora_scale(16, 8)  # stage 1
 # One jitted forward shared by the tests, so equal (tree structure, config) pairs compile once.
 # GradCache calls embed_fn(params, sub_batch) without rng and embed_fn(params, sub_batch, key) with one.
-_embed = jax.jit(lambda p, b, cfg, k=None: embed(p, b, cfg, k), static_argnums=2)
+_embed = jax.jit(lambda p, b, run, k=None: embed(p, b, CFG, run, k), static_argnums=2)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +37,8 @@ def params():
 
 
 @pytest.fixture(scope="module")
-def batch_and_cfg(tiny_tokenizer_dir):
-    """A real packed batch (text, image, fused text+image), its config, and that config with LoRA on."""
+def batch_and_run(tiny_tokenizer_dir):
+    """A real packed batch (text, image, fused text+image), its run options, and those with LoRA on."""
     rng = np.random.default_rng(0)
     tokenizer = PromptTokenizer.from_pretrained(tiny_tokenizer_dir)
     processor = media.ProcessorConfig(min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)
@@ -45,8 +48,8 @@ def batch_and_cfg(tiny_tokenizer_dir):
     seq, budget, block = choose_shapes(prepared, 1, len(items))
     batch = pack_batch(prepared, num_shards=1, rows_per_shard=len(items), seq_len=seq, patch_budget=budget,
                        pad_id=tokenizer.pad_id, patch_dim=CFG.vision.patch_dim, vision_block=block)
-    cfg = CFG.replace(vision_block=block)
-    return batch, cfg, cfg.replace(lora_scale=SCALE, lora_dropout=0.1)
+    run = RunOptions(vision_block=block)
+    return batch, run, run.replace(lora=LoraOptions(SCALE, dropout=0.1))
 
 
 def _random_lora(seed, scale_b=0.3):
@@ -112,13 +115,13 @@ def test_init_is_kaiming_uniform_a_and_zero_b():
         "lora_a"].dtype == jnp.bfloat16
 
 
-def test_initial_lora_forward_equals_the_base_forward(params, batch_and_cfg):
-    batch, cfg, lora_cfg = batch_and_cfg
-    base = np.asarray(_embed(params, batch, cfg))
+def test_initial_lora_forward_equals_the_base_forward(params, batch_and_run):
+    batch, run, lora_run = batch_and_run
+    base = np.asarray(_embed(params, batch, run))
     adapted = with_lora(params, init_lora(CFG, RANK, seed_or_key=0))
-    np.testing.assert_array_equal(np.asarray(_embed(adapted, batch, lora_cfg)), base)
+    np.testing.assert_array_equal(np.asarray(_embed(adapted, batch, lora_run)), base)
     # B = 0: dropout on the LoRA input changes nothing either
-    np.testing.assert_array_equal(np.asarray(_embed(adapted, batch, lora_cfg, jax.random.key(0))), base)
+    np.testing.assert_array_equal(np.asarray(_embed(adapted, batch, lora_run, jax.random.key(0))), base)
 
 
 # -------------------------------------------------------------------------------------- with / merge
@@ -145,11 +148,11 @@ def test_with_lora_shares_base_arrays_and_checks_shapes(params):
         with_lora(params, {"model": {"layers": {"mlp": {"fc9": {"lora_a": 0, "lora_b": 0}}}}})
 
 
-def test_lora_leaves_with_zero_scale_are_an_error(params):
+def test_lora_leaves_without_lora_options_are_an_error(params):
     embeds, mask, positions = _text_inputs()
     adapted = with_lora(params, init_lora(CFG, RANK, seed_or_key=0))
-    with pytest.raises(ValueError, match="lora_scale is 0"):
-        text_model(adapted["model"], embeds, mask, positions, CFG)
+    with pytest.raises(ValueError, match="carries lora_a/lora_b but the run has no LoRA"):
+        text_model(adapted["model"], embeds, mask, positions, CFG, RunOptions())
 
 
 def test_merge_lora_matches_numpy_formula_on_host_and_under_jit(params):
@@ -181,12 +184,12 @@ def test_merge_lora_matches_numpy_formula_on_host_and_under_jit(params):
     assert merged_bf16.dtype == jnp.bfloat16
 
 
-def test_merged_forward_equals_unmerged_forward(params, batch_and_cfg):
-    batch, cfg, lora_cfg = batch_and_cfg
+def test_merged_forward_equals_unmerged_forward(params, batch_and_run):
+    batch, run, lora_run = batch_and_run
     lora = _random_lora(2)
-    unmerged = np.asarray(_embed(with_lora(params, lora), batch, lora_cfg))
-    merged = np.asarray(_embed(merge_lora(params, lora, SCALE), batch, cfg))
-    base = np.asarray(_embed(params, batch, cfg))
+    unmerged = np.asarray(_embed(with_lora(params, lora), batch, lora_run))
+    merged = np.asarray(_embed(merge_lora(params, lora, SCALE), batch, run))
+    base = np.asarray(_embed(params, batch, run))
     assert np.abs(unmerged - base).max() > 0.05  # the adapter really changes the embedding
     np.testing.assert_allclose(unmerged, merged, atol=1e-5, rtol=1e-5)
 
@@ -210,32 +213,32 @@ def test_linear_with_lora_and_dropout_matches_numpy_reference():
     x64 = x.astype(np.float64)
     base = x64 @ p["kernel"] + p["bias"]
     expected = base + scale * (((x64 * keep / (1 - rate)) @ p["lora_a"]) @ p["lora_b"])
-    got = np.asarray(linear(x, p, jnp.float32, lora_scale=scale, dropout_rate=rate, rng=key))
+    got = np.asarray(linear(x, p, jnp.float32, lora=LoraOptions(scale, rate), rng=key))
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
     # bf16 compute (LoRA leaves stay float32): same masks, bf16 rounding only
-    got_bf16 = linear(x, p, jnp.bfloat16, lora_scale=scale, dropout_rate=rate, rng=key)
+    got_bf16 = linear(x, p, jnp.bfloat16, lora=LoraOptions(scale, rate), rng=key)
     assert got_bf16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got_bf16, np.float32), expected, atol=0.1, rtol=0.02)
     # without rng (or with rate 0) the LoRA branch sees all of x
     no_dropout = base + scale * ((x64 @ p["lora_a"]) @ p["lora_b"])
-    np.testing.assert_allclose(np.asarray(linear(x, p, jnp.float32, lora_scale=scale, dropout_rate=rate)),
+    np.testing.assert_allclose(np.asarray(linear(x, p, jnp.float32, lora=LoraOptions(scale, rate))),
                                no_dropout, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(linear(x, p, jnp.float32, lora_scale=scale, rng=key)), no_dropout,
+    np.testing.assert_allclose(np.asarray(linear(x, p, jnp.float32, lora=LoraOptions(scale), rng=key)), no_dropout,
                                atol=1e-5, rtol=1e-5)
     # no LoRA leaves: rng and dropout are irrelevant
     plain = {"kernel": p["kernel"], "bias": p["bias"]}
-    np.testing.assert_allclose(np.asarray(linear(x, plain, jnp.float32, lora_scale=scale, dropout_rate=rate,
-                                                 rng=key)), base, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(linear(x, plain, jnp.float32, lora=LoraOptions(scale, rate), rng=key)),
+                               base, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="needs both 'lora_a' and 'lora_b'"):
-        linear(x, {"kernel": p["kernel"], "lora_a": p["lora_a"]}, jnp.float32, lora_scale=1.0)
+        linear(x, {"kernel": p["kernel"], "lora_a": p["lora_a"]}, jnp.float32, lora=LoraOptions(1.0))
 
 
 def test_dropout_expectation_over_keys_is_the_no_dropout_output():
     x, p = _one_linear(seed=1, shape=(3, 6), out=5, rank=3)
     rate, scale, n = 0.4, 2.0, 4000
     keys = jax.random.split(jax.random.key(0), n)
-    outs = np.asarray(jax.vmap(lambda k: linear(x, p, jnp.float32, lora_scale=scale, dropout_rate=rate, rng=k))(keys))
-    reference = np.asarray(linear(x, p, jnp.float32, lora_scale=scale))
+    outs = np.asarray(jax.vmap(lambda k: linear(x, p, jnp.float32, lora=LoraOptions(scale, rate), rng=k))(keys))
+    reference = np.asarray(linear(x, p, jnp.float32, lora=LoraOptions(scale)))
     assert np.abs(outs - reference).max() > 0.1  # each draw really drops
     stderr = outs.std(axis=0) / np.sqrt(n)
     assert (np.abs(outs.mean(axis=0) - reference) < 5 * stderr + 1e-6).all()
@@ -245,23 +248,23 @@ def test_dropout_expectation_over_keys_is_the_no_dropout_output():
 
 
 # -------------------------------------------------------------------------------------- full forward
-def test_dropout_rng_in_the_embedder(params, batch_and_cfg):
-    batch, _, lora_cfg = batch_and_cfg
+def test_dropout_rng_in_the_embedder(params, batch_and_run):
+    batch, _, lora_run = batch_and_run
     adapted = with_lora(params, _random_lora(3))
-    first = np.asarray(_embed(adapted, batch, lora_cfg))
-    np.testing.assert_array_equal(np.asarray(_embed(adapted, batch, lora_cfg)), first)  # rng=None: deterministic
-    a, a_again, b = (np.asarray(_embed(adapted, batch, lora_cfg, k)) for k in (jax.random.key(1), jax.random.key(1),
+    first = np.asarray(_embed(adapted, batch, lora_run))
+    np.testing.assert_array_equal(np.asarray(_embed(adapted, batch, lora_run)), first)  # rng=None: deterministic
+    a, a_again, b = (np.asarray(_embed(adapted, batch, lora_run, k)) for k in (jax.random.key(1), jax.random.key(1),
                                                                              jax.random.key(2)))
     np.testing.assert_array_equal(a, a_again)  # same key, same masks
     assert np.abs(a - b).max() > 1e-3 and np.abs(a - first).max() > 1e-3
 
 
-def test_gradients_reach_only_the_lora_tree(params, batch_and_cfg):
-    batch, _, lora_cfg = batch_and_cfg
+def test_gradients_reach_only_the_lora_tree(params, batch_and_run):
+    batch, _, lora_run = batch_and_run
     weights = jnp.asarray(np.random.default_rng(0).standard_normal((3, CFG.hidden_size)), jnp.float32)
 
     def loss(lora):  # base params are closed over: not an argument, so they get no gradient at all
-        return jnp.sum(embed(with_lora(params, lora), batch, lora_cfg) * weights)
+        return jnp.sum(embed(with_lora(params, lora), batch, CFG, lora_run) * weights)
 
     value_and_grad = jax.jit(jax.value_and_grad(loss))  # one compile serves the gradient and the loss values
     for name, lora, b_is_zero in (("init", init_lora(CFG, RANK, seed_or_key=0), True),
@@ -307,12 +310,12 @@ def _directional_derivative(f, tree, direction):
 def test_scan_unrolled_and_remat_agree_with_dropout_on(params):
     embeds, mask, positions = _text_inputs()
     lora, key = _random_lora(5), jax.random.key(21)
-    cfg = CFG.replace(lora_scale=2.0, lora_dropout=0.2)
+    lora_run = RunOptions(lora=LoraOptions(2.0, dropout=0.2))
 
     def compiled(c):
-        """A jitted key -> (hidden states [batch, seq, hidden], LoRA gradients) for config c."""
+        """A jitted key -> (hidden states [batch, seq, hidden], LoRA gradients) for run options c."""
         def loss(l, k):
-            out = text_model(with_lora(params, l)["model"], embeds, mask, positions, c, rng=k)
+            out = text_model(with_lora(params, l)["model"], embeds, mask, positions, CFG, c, rng=k)
             return jnp.sum(out[:, -1] * out[:, -2]), out
 
         step = jax.jit(jax.value_and_grad(loss, has_aux=True))
@@ -323,10 +326,10 @@ def test_scan_unrolled_and_remat_agree_with_dropout_on(params):
 
         return run
 
-    base = compiled(cfg)
+    base = compiled(lora_run)
     base_out, base_grads = base(key)
     assert np.abs(base_out - base(jax.random.key(22))[0]).max() > 1e-3  # dropout is on: the key matters
-    for variant in (cfg.replace(scan_layers=False), cfg.replace(remat="full")):
+    for variant in (lora_run.replace(scan_layers=False), lora_run.replace(remat="full")):
         out, grads = compiled(variant)(key)
         # Same math and same masks; XLA fuses the unrolled/rematerialised forms differently, and this
         # random-weight model amplifies float32 rounding to ~1e-5 of each array's scale. A wrong mask
@@ -337,11 +340,15 @@ def test_scan_unrolled_and_remat_agree_with_dropout_on(params):
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5 * np.abs(expected).max(), err_msg=where)
 
 
-def test_config_run_options_are_hashable_and_checked():
-    cfg = CFG.replace(lora_scale=2.0, lora_dropout=0.05)
-    assert hash(cfg) == hash(CFG.replace(lora_scale=2.0, lora_dropout=0.05)) and cfg != CFG
-    assert CFG.lora_scale == 0.0 and CFG.lora_dropout == 0.0
+def test_run_options_are_hashable_and_checked():
+    run = RunOptions(lora=LoraOptions(2.0, dropout=0.05))
+    assert hash(run) == hash(RunOptions(lora=LoraOptions(2.0, dropout=0.05))) and run != RunOptions()
+    assert RunOptions().lora is None and LoraOptions(2.0).dropout == 0.0
     with pytest.raises(ValueError, match="lora_dropout"):
-        CFG.replace(lora_dropout=1.0)
+        LoraOptions(2.0, dropout=1.0)
     with pytest.raises(ValueError, match="lora_scale"):
-        CFG.replace(lora_scale=float("nan"))
+        LoraOptions(float("nan"))
+    with pytest.raises(ValueError, match="lora_scale"):
+        LoraOptions(0.0)  # a zero scale would silently train nothing
+    assert not any(f.name in ("positions", "compute_dtype", "lora_scale", "vision_block")
+                   for f in dataclasses.fields(CFG))  # ModelConfig is the architecture only

@@ -11,10 +11,12 @@ import hf_reference
 from unite_jax.convert.hf import load_hf_params
 from unite_jax.data.packing import PackableInput, mrope_positions
 from unite_jax.model.config import ModelConfig
+from unite_jax.model.options import RunOptions
 from unite_jax.model.text import text_model
 from unite_jax.model.vision import vision_tower
 
 TOL = 1e-5
+RUN = RunOptions()  # float32, XLA attention, no remat
 VARIANTS = sorted(hf_reference.VARIANTS)
 
 
@@ -53,7 +55,7 @@ def test_vision_tower_packed_row_matches_transformers(loaded):
     with torch.no_grad():
         expected = model.model.visual(torch.tensor(pixel_values), grid_thw=torch.tensor(grids)).pooler_output.numpy()
     row, segment_ids, positions = _pack_vision(grids, pixel_values, n + 16)
-    got = np.asarray(vision_tower(params["visual"], row, segment_ids, positions, cfg))[0, : n // 4]
+    got = np.asarray(vision_tower(params["visual"], row, segment_ids, positions, cfg, RUN))[0, : n // 4]
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=TOL)
 
 
@@ -65,8 +67,8 @@ def test_vision_tower_is_block_diagonal(loaded):
     other = rng.standard_normal((24, cfg.vision.patch_dim)).astype(np.float32)
     row_a = _pack_vision([(1, 4, 4)], alone, 16)
     row_b = _pack_vision([(1, 4, 6), (1, 4, 4)], np.concatenate([other, alone]), 48)
-    out_a = np.asarray(vision_tower(params["visual"], *row_a, cfg))[0, :4]
-    out_b = np.asarray(vision_tower(params["visual"], *row_b, cfg))[0, 6:10]
+    out_a = np.asarray(vision_tower(params["visual"], *row_a, cfg, RUN))[0, :4]
+    out_b = np.asarray(vision_tower(params["visual"], *row_b, cfg, RUN))[0, 6:10]
     np.testing.assert_allclose(out_a, out_b, atol=TOL, rtol=TOL)
 
 
@@ -83,7 +85,7 @@ def test_text_model_left_padding_sequential_positions(loaded):
         expected = model.model.language_model(inputs_embeds=embeds, attention_mask=torch.tensor(mask),
                                               position_ids=None).last_hidden_state.numpy()
     positions = np.broadcast_to(np.arange(seq)[None, None], (batch, 3, seq))
-    got = np.asarray(text_model(params["model"], embeds.numpy(), mask, positions, cfg))
+    got = np.asarray(text_model(params["model"], embeds.numpy(), mask, positions, cfg, RUN))
     valid = mask.astype(bool)
     np.testing.assert_allclose(got[valid], expected[valid], atol=TOL, rtol=TOL)
 
@@ -126,7 +128,7 @@ def test_mrope_positions_match_get_rope_index_and_language_model(loaded):
     with torch.no_grad():
         expected = model.model.language_model(inputs_embeds=embeds, attention_mask=torch.tensor(mask),
                                               position_ids=torch.tensor(expected_pos)).last_hidden_state.numpy()
-    got = np.asarray(text_model(params["model"], embeds.numpy(), mask, ours, cfg.replace(positions="mrope")))
+    got = np.asarray(text_model(params["model"], embeds.numpy(), mask, ours, cfg, RUN.replace(positions="mrope")))
     valid = mask.astype(bool)
     np.testing.assert_allclose(got[valid], expected[valid], atol=TOL, rtol=TOL)
 
@@ -187,14 +189,15 @@ def test_remat_and_unrolled_layers_compute_the_same(loaded):
     embeds = rng.standard_normal((2, 9, cfg.hidden_size)).astype(np.float32)
     mask = np.ones((2, 9), np.int32)
     positions = np.broadcast_to(np.arange(9)[None, None], (2, 3, 9))
-    base = np.asarray(text_model(params["model"], embeds, mask, positions, cfg))
-    for variant in (cfg.replace(remat="full"), cfg.replace(remat="dots"), cfg.replace(scan_layers=False)):
+    base = np.asarray(text_model(params["model"], embeds, mask, positions, cfg, RUN))
+    for variant in (RUN.replace(remat="full"), RUN.replace(remat="dots"), RUN.replace(scan_layers=False)):
         # same math; XLA may fuse the unrolled and scanned forms differently (float32 rounding only)
-        np.testing.assert_allclose(np.asarray(text_model(params["model"], embeds, mask, positions, variant)), base,
-                                   atol=1e-5, rtol=1e-5)
-    grad = lambda c: jax.grad(lambda p: jnp.sum(text_model(p, embeds, mask, positions, c)[:, -1]))(params["model"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), grad(cfg),
-                 grad(cfg.replace(remat="full")))
+        np.testing.assert_allclose(np.asarray(text_model(params["model"], embeds, mask, positions, cfg, variant)),
+                                   base, atol=1e-5, rtol=1e-5)
+    grad = lambda run: jax.grad(lambda p: jnp.sum(text_model(p, embeds, mask, positions, cfg, run)[:, -1]))(
+        params["model"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), grad(RUN),
+                 grad(RUN.replace(remat="full")))
 
 
 def test_bfloat16_compute_stays_close_to_float32(loaded):
@@ -213,9 +216,9 @@ def test_bfloat16_compute_stays_close_to_float32(loaded):
         "patch_positions": vision_positions(1, 4, 4),
         "merged_dest": np.array([[3, 4, 5, 6]], np.int32),
     }
-    f32 = np.asarray(embed(params, batch, cfg))
+    f32 = np.asarray(embed(params, batch, cfg, RUN))
     bf16_params = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
-    bf16 = np.asarray(embed(bf16_params, batch, cfg.replace(compute_dtype="bfloat16", param_dtype="bfloat16")))
+    bf16 = np.asarray(embed(bf16_params, batch, cfg, RUN.replace(compute_dtype="bfloat16", param_dtype="bfloat16")))
     assert bf16.dtype == np.float32
     cosine = np.sum(f32 * bf16, axis=-1)
     assert (cosine > 0.99).all(), cosine

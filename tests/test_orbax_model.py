@@ -17,6 +17,7 @@ import shutil
 
 import hf_reference
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -101,7 +102,7 @@ def test_round_trip_hf_orbax_hf_is_bit_exact(models, layout, dtype, variant, tmp
     assert (meta["format"], meta["version"], meta["dtype"], meta["lora"]) == ("unite-jax-model", 1, dtype, None)
     assert os.path.abspath(source) in meta["source"] and meta["extra"]["hf_layout"] == layout
     params, cfg, _ = orbax_model.load_model_dir(model_dir)
-    assert cfg.param_dtype == dtype
+    assert {np.dtype(leaf.dtype) for leaf in jax.tree.leaves(params)} == {np.dtype(jnp.dtype(dtype))}
     assert_trees_bit_equal(params, hf.load_hf_params(source, ModelConfig.from_pretrained(source), dtype=dtype))
 
     # the export: the source's tensors, byte for byte, under 4.x names (a tied model's lm_head copy dropped)
@@ -176,7 +177,7 @@ def test_export_loads_in_transformers_and_matches_embedder(models, tmp_path, tin
              {"content": "<IMG>\nWhat is in the picture?", "images": [photo], "modalities": "sentence and image"}]
     expected = _reference(loaded, exported, specs)
     embedder = Embedder.from_pretrained(model_dir)
-    assert embedder.cfg.param_dtype == "float32"
+    assert embedder.run.param_dtype == "float32"
     got = embedder.encode(items, batch_size=4)
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
     # the workdir resolves to the same model; the HF export encodes the same
@@ -296,8 +297,8 @@ def test_sharded_jax_params_save_and_load_with_shardings(models, tmp_path, tiny_
     host, _, _ = orbax_model.load_model_dir(model_dir)
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))
     assert_trees_bit_equal(host, params)
-    placed, cfg_bf16, _ = orbax_model.load_model_dir(model_dir, dtype="bfloat16", sharding=shardings)
-    assert cfg_bf16.param_dtype == "bfloat16"
+    placed, cfg_again, _ = orbax_model.load_model_dir(model_dir, dtype="bfloat16", sharding=shardings)
+    assert cfg_again == cfg
     for path, leaf in flat(placed).items():
         assert leaf.sharding == flat(shardings)[path] and leaf.dtype == jax.numpy.bfloat16, path
         assert np.array_equal(raw(np.asarray(leaf)), raw(flat(params)[path].astype(ml_dtypes.bfloat16))), path

@@ -19,6 +19,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from unite_jax import parallel
 from unite_jax.model import lora as lora_lib
 from unite_jax.model.config import preset
+from unite_jax.model.options import LoraOptions, RunOptions
 from unite_jax.model.params import abstract_params, init_params
 from unite_jax.model.text import text_model
 from unite_jax.model.vision import vision_tower
@@ -257,7 +258,8 @@ def test_param_shardings_cover_optimizer_state():
 
 def test_sharded_forward_matches_unsharded():
     """Vision tower + vocab-parallel embedding lookup + LLM with LoRA on a (2, 2, 2) mesh."""
-    cfg = preset("tiny").replace(lora_scale=2.0)
+    cfg = preset("tiny")
+    run = RunOptions(lora=LoraOptions(2.0))
     params = init_params(cfg, seed=1)
     lora = lora_lib.init_lora(cfg, 4, seed_or_key=2)
     rng = np.random.default_rng(3)
@@ -275,10 +277,10 @@ def test_sharded_forward_matches_unsharded():
 
     def forward(params, lora, inputs):
         visual = vision_tower(params["visual"], inputs["patches"], inputs["segment_ids"],
-                              inputs["patch_positions"], cfg)
+                              inputs["patch_positions"], cfg, run)
         embeds = jnp.take(params["model"]["embed_tokens"]["embedding"], inputs["input_ids"], axis=0)
         model = lora_lib.with_lora(params, lora)["model"]
-        hidden = text_model(model, embeds, inputs["attention_mask"], inputs["position_ids"], cfg)
+        hidden = text_model(model, embeds, inputs["attention_mask"], inputs["position_ids"], cfg, run)
         return visual, hidden
 
     expected = jax.jit(forward)(params, lora, inputs)

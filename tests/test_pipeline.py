@@ -334,9 +334,9 @@ def test_per_stream_patch_budgets(media_dir, tokenizer, tmp_path):
 
 
 def test_stream_budgets_are_validated(tokenizer):
-    for value in (100, -2):
+    for value in (100, -2, -1):  # -1 is not a sentinel: unset means data.patches_per_row
         cfg = _config("unused.jsonl", candidate_patches_per_row=value)
-        with pytest.raises(ValueError, match="data.candidate_patches_per_row: expected -1"):
+        with pytest.raises(ValueError, match=r"data.candidate_patches_per_row: expected None \(unset"):
             _spec(cfg, tokenizer)
 
 

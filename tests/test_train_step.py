@@ -19,11 +19,13 @@ from unite_jax.loss import mamcl_loss
 from unite_jax.model.config import preset
 from unite_jax.data.packing import BATCH_KEYS
 from unite_jax.model.embedder import embed
+from unite_jax.model.options import RunOptions
 from unite_jax.model.params import init_params
 from unite_jax.train.state import create_state
 from unite_jax.train.step import LossSettings, loss_and_grads, train_step
 
-CFG = preset("tiny", vision_block=64)
+CFG = preset("tiny")
+RUN = RunOptions(vision_block=64)
 PROCESSOR = ProcessorConfig(min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28)
 
 
@@ -64,11 +66,11 @@ def test_chunk_modes_match_independent_computations(tiny_tokenizer_dir):
     params = jax.tree.map(jnp.asarray, init_params(CFG, seed=3, std=0.05))
     batch = _batch(tokenizer)
     settings = LossSettings(temperature=0.05, modality_mask=True)
-    kwargs = dict(cfg=CFG, settings=settings, use_lora=False, has_negatives=False)
+    kwargs = dict(cfg=CFG, run=RUN, settings=settings, has_negatives=False)
 
     def chunk_loss(p, c):
-        q = embed(p, {k: batch["query"][k][c] for k in BATCH_KEYS}, CFG)
-        e = embed(p, {k: batch["candidate"][k][c] for k in BATCH_KEYS}, CFG)
+        q = embed(p, {k: batch["query"][k][c] for k in BATCH_KEYS}, CFG, RUN)
+        e = embed(p, {k: batch["candidate"][k][c] for k in BATCH_KEYS}, CFG, RUN)
         return q, e
 
     # accumulate: the mean over chunks of each chunk's own loss
@@ -109,8 +111,8 @@ def test_nonfinite_update_is_not_applied(tiny_tokenizer_dir):
     poisoned = jax.tree.map(lambda x: x, params)
     poisoned["model"]["norm"]["weight"] = poisoned["model"]["norm"]["weight"].at[0].set(jnp.nan)
     state = state.replace(trainable=poisoned)
-    new_state, metrics = train_step(state, {}, batch, cfg=CFG, settings=LossSettings(), tx=tx,
-                                    schedule=lambda step: 1.0, use_lora=False, has_negatives=False)
+    new_state, metrics = train_step(state, {}, batch, cfg=CFG, run=RUN, settings=LossSettings(), tx=tx,
+                                    schedule=lambda step: 1.0, has_negatives=False)
     assert float(metrics["finite"]) == 0.0
     assert int(new_state.step) == 1
     for new, old in zip(jax.tree.leaves(new_state.trainable), jax.tree.leaves(poisoned)):
@@ -124,8 +126,8 @@ def test_uint8_pixel_levels_train_exactly_like_float32_patches(tiny_tokenizer_di
     floats, levels = _batch(tokenizer), _batch(tokenizer, patch_dtype=np.uint8)
     assert levels["candidate"]["patches"].dtype == jnp.uint8 and levels["candidate"]["patches"].any()
     tx = optax.adamw(1e-3)
-    step = functools.partial(train_step, cfg=CFG, settings=LossSettings(temperature=0.05), tx=tx,
-                             schedule=lambda step: 1e-3, use_lora=False, has_negatives=False)
+    step = functools.partial(train_step, cfg=CFG, run=RUN, settings=LossSettings(temperature=0.05), tx=tx,
+                             schedule=lambda step: 1e-3, has_negatives=False)
     table = normalize_table(PROCESSOR)
     want_state, want = step(create_state(params, tx, seed=0), {}, floats)
     got_state, got = step(create_state(params, tx, seed=0), {}, levels, pixel_table=table)
@@ -144,11 +146,11 @@ def test_text_only_stream_without_patches_trains_exactly_like_padded_patches(tin
     padded, text_only = _batch(tokenizer), _batch(tokenizer, query_patches_per_row=0)
     assert text_only["query"]["patches"].shape[2] == 0 and padded["query"]["patches"].shape[2] == 3 * 64
     chunk = lambda b: {k: v[0] for k, v in b["query"].items()}  # noqa: E731
-    np.testing.assert_array_equal(np.asarray(embed(params, chunk(text_only), CFG)),
-                                  np.asarray(embed(params, chunk(padded), CFG)))
+    np.testing.assert_array_equal(np.asarray(embed(params, chunk(text_only), CFG, RUN)),
+                                  np.asarray(embed(params, chunk(padded), CFG, RUN)))
     tx = optax.adamw(1e-3)
-    step = jax.jit(functools.partial(train_step, cfg=CFG, settings=LossSettings(temperature=0.05), tx=tx,
-                                     schedule=lambda step: 1e-3, use_lora=False, has_negatives=False))
+    step = jax.jit(functools.partial(train_step, cfg=CFG, run=RUN, settings=LossSettings(temperature=0.05), tx=tx,
+                                     schedule=lambda step: 1e-3, has_negatives=False))
     want_state, want = step(create_state(params, tx, seed=0), {}, padded)
     got_state, got = step(create_state(params, tx, seed=0), {}, text_only)
     assert float(got["loss"]) == float(want["loss"])
@@ -167,5 +169,5 @@ def test_text_only_stream_shards_over_the_mesh(tiny_tokenizer_dir):
     mesh = parallel.make_mesh((-1, 1, 1))
     placed = parallel.host_to_global(local, mesh, batch_axis=0)
     assert placed["patches"].shape == (8, 0, CFG.vision.patch_dim)
-    sharded = np.asarray(jax.jit(lambda p, b: embed(p, b, CFG))(params, placed))
-    np.testing.assert_allclose(sharded, np.asarray(embed(params, local, CFG)), rtol=1e-6, atol=1e-6)
+    sharded = np.asarray(jax.jit(lambda p, b: embed(p, b, CFG, RUN))(params, placed))
+    np.testing.assert_allclose(sharded, np.asarray(embed(params, local, CFG, RUN)), rtol=1e-6, atol=1e-6)

@@ -30,17 +30,22 @@ from unite_jax.data.packing import BATCH_KEYS, PackableInput, choose_shapes, pac
 from unite_jax.data.tokenize import PromptTokenizer
 from unite_jax.model.config import ModelConfig
 from unite_jax.model.embedder import embed
+from unite_jax.model.options import RunOptions, default_attention, default_dtype
+
 
 class Embedder:
     """UNITE embedder: items -> L2-normalised vectors, batched by size over all local devices."""
 
     def __init__(self, params: dict, cfg: ModelConfig, tokenizer: PromptTokenizer,
-                 processor: media.ProcessorConfig, *, max_text_tokens: int | None = 2048,
-                 devices: Sequence[jax.Device] | None = None, num_workers: int | None = None):
+                 processor: media.ProcessorConfig, *, run: RunOptions | None = None,
+                 max_text_tokens: int | None = 2048, devices: Sequence[jax.Device] | None = None,
+                 num_workers: int | None = None):
         """params: the parameter tree (`unite_jax.model.params`); its leaves are replaced in place by
         device arrays replicated over `devices` (default: all local devices), so host copies are freed
-        as they go. num_workers: threads that pre-process items."""
+        as they go. run: how to compute (default `RunOptions()`: float32, XLA attention; the vision tile
+        is chosen per batch). num_workers: threads that pre-process items."""
         self.cfg = cfg
+        self.run = run or RunOptions()
         self.tokenizer = tokenizer
         self.processor = processor
         self.max_text_tokens = max_text_tokens
@@ -52,8 +57,8 @@ class Embedder:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.params = _device_put_in_place(params, replicated)
         # cfg is static: each vision block size the packer picks compiles once
-        self._forward = jax.jit(embed, static_argnames="cfg", in_shardings=(replicated, self._data_sharding),
-                                out_shardings=self._data_sharding)
+        self._forward = jax.jit(embed, static_argnames=("cfg", "run"),
+                                in_shardings=(replicated, self._data_sharding), out_shardings=self._data_sharding)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -74,15 +79,15 @@ class Embedder:
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
         platform = jax.default_backend()
-        dtype = dtype or ("float32" if platform == "cpu" else "bfloat16")
-        attention_impl = attention_impl or ("cudnn" if platform == "gpu" and dtype != "float32" else "xla")
-        run_options = dict(positions=positions, compute_dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
+        dtype = dtype or default_dtype(platform)
+        run = RunOptions(positions=positions, compute_dtype=dtype, param_dtype=dtype,
+                         attention_impl=attention_impl or default_attention(platform, dtype))
         orbax_dir = None if orbax_model.is_hf_dir(model_dir) else orbax_model.find_model_dir(model_dir)
         if orbax_dir is not None:  # the tokenizer and pre-processor files travel inside the model directory
-            cfg = orbax_model.config_from_meta(orbax_model.read_meta(orbax_dir), orbax_dir, **run_options)
+            cfg = orbax_model.config_from_meta(orbax_model.read_meta(orbax_dir), orbax_dir)
             asset_dir = orbax_dir
         else:
-            cfg = ModelConfig.from_pretrained(model_dir, **run_options)
+            cfg = ModelConfig.from_pretrained(model_dir)
             asset_dir = model_dir
         tokenizer = PromptTokenizer.from_pretrained(asset_dir)
         processor = media.ProcessorConfig.from_pretrained(asset_dir, **processor_overrides)
@@ -90,7 +95,7 @@ class Embedder:
             params, _, _ = orbax_model.load_model_dir(orbax_dir, dtype=dtype)
         else:
             params = load_hf_params(model_dir, cfg, dtype=dtype)
-        return cls(params, cfg, tokenizer, processor, max_text_tokens=max_text_tokens)
+        return cls(params, cfg, tokenizer, processor, run=run, max_text_tokens=max_text_tokens)
 
     # ------------------------------------------------------------------ host side
     def prepare(self, item: dict, index: int = 0) -> PackableInput:
@@ -132,9 +137,9 @@ class Embedder:
         batch = pack_batch(batch_items, num_shards=num_shards, rows_per_shard=rows_per_shard, seq_len=seq_len,
                            patch_budget=patch_budget, pad_id=self.tokenizer.pad_id,
                            patch_dim=self.cfg.vision.patch_dim, merge_size=self.cfg.vision.spatial_merge_size,
-                           position_mode=self.cfg.positions, vision_block=vision_block)
+                           position_mode=self.run.positions, vision_block=vision_block)
         batch = {key: jax.device_put(batch[key], self._data_sharding) for key in BATCH_KEYS}
-        return self._forward(self.params, batch, self.cfg.replace(vision_block=vision_block))
+        return self._forward(self.params, batch, self.cfg, self.run.replace(vision_block=vision_block))
 
 
 def _device_put_in_place(tree: dict, sharding) -> dict:

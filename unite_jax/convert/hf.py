@@ -144,23 +144,22 @@ def to_hf_layout(kind: str, leaf: np.ndarray, hf_shape: tuple[int, ...]) -> np.n
 
 
 # ---------------------------------------------------------------- loading
-def load_hf(model_dir: str, dtype: Any = None, **run_options: Any) -> tuple[ModelConfig, Params]:
+def load_hf(model_dir: str, dtype: Any = "float32") -> tuple[ModelConfig, Params]:
     """(config, params) of a Hugging Face Qwen2-VL directory (config.json + safetensors)."""
-    cfg = ModelConfig.from_pretrained(model_dir, **run_options)
+    cfg = ModelConfig.from_pretrained(model_dir)
     return cfg, load_hf_params(model_dir, cfg, dtype)
 
 
-def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: Any = None) -> Params:
+def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: Any = "float32") -> Params:
     """The parameter tree (numpy, layout of `unite_jax.model.params`) of a HF checkpoint directory.
 
-    `dtype` defaults to `cfg.param_dtype` ("bfloat16" gives `ml_dtypes.bfloat16`
-    leaves); every tensor is cast as it is copied in. The checkpoint is checked
+    Every tensor is cast to `dtype` ("bfloat16" gives `ml_dtypes.bfloat16` leaves) as it is copied in. The checkpoint is checked
     against the config from its headers before any data is read: missing
     tensors, wrong shapes and unexpected extra tensors are errors. `lm_head` is
     loaded only for untied embeddings; a tied checkpoint may still carry
     `lm_head.weight`, which is then ignored.
     """
-    dtype = np.dtype(dtype or cfg.param_dtype)
+    dtype = np.dtype(dtype)
     st.dtype_code(dtype)  # fails early, naming the dtype, if it is not a tensor dtype
     checkpoint = st.Checkpoint(model_dir)
     layout = detect_layout(checkpoint.names(), model_dir)

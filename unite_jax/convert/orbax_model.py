@@ -160,11 +160,11 @@ def read_meta(model_dir: str) -> dict[str, Any]:
     return meta
 
 
-def config_from_meta(meta: Mapping[str, Any], model_dir: str = "<model>", **run_options: Any) -> ModelConfig:
+def config_from_meta(meta: Mapping[str, Any], model_dir: str = "<model>") -> ModelConfig:
     """`ModelConfig` from meta["config"]; a missing or malformed field names unite_model.json."""
     path = os.path.join(model_dir, MODEL_META)
     try:
-        return ModelConfig.from_hf_dict(meta["config"], **run_options)
+        return ModelConfig.from_hf_dict(meta["config"])
     except KeyError as e:
         raise ModelDirError(f"{path}: field 'config' lacks {e.args[0]!r}") from e
     except (TypeError, ValueError) as e:
@@ -597,7 +597,7 @@ def load_model_dir(path: str, *, dtype: Any = None, sharding: Any = None,
         `dtype` if given (cast after the merge). With `sharding` (one `jax.sharding.Sharding` for
         every leaf, or a tree of them mirroring params) the leaves are global jax arrays placed leaf
         by leaf; every process reads the full leaf and keeps only its devices' shards.
-    cfg: `ModelConfig.from_hf_dict(meta["config"])` with param_dtype set to the loaded dtype.
+    cfg: `ModelConfig.from_hf_dict(meta["config"])` (the architecture).
     Errors name the file and field: missing / corrupt unite_model.json, wrong "format", missing
     params/, a parameter tree that does not match the config.
     """
@@ -619,8 +619,7 @@ def load_model_dir(path: str, *, dtype: Any = None, sharding: Any = None,
             del host
         flat[p] = leaf
     reader.close()
-    dtype_name = target.name if target is not None else reader.dominant_dtype().name
-    return _unflatten(flat), cfg.replace(param_dtype=dtype_name), meta
+    return _unflatten(flat), cfg, meta
 
 
 def _sharding_lookup(sharding: Any) -> Callable[[tuple[str, ...]], Any] | None:

@@ -164,12 +164,12 @@ def tile_offsets(slices: list[tuple], block: int, share_tiles: bool = True) -> t
 
 def pack_batch(items: list[PackableInput], *, num_shards: int, rows_per_shard: int, seq_len: int,
                patch_budget: int, pad_id: int, patch_dim: int, merge_size: int = 2,
-               position_mode: str = "sequential", vision_block: int = 0,
+               position_mode: str = "sequential", vision_block: int | None = None,
                share_tiles: bool = True, patches_out: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Packs up to num_shards * rows_per_shard inputs (item i goes to shard i // rows_per_shard).
 
     Each (media, temporal slice) is placed inside one block of `vision_block` patches (first fit;
-    0 = the whole row is one block), so the vision tower can attend tile by tile. With
+    None = the whole row is one block), so the vision tower can attend tile by tile. With
     share_tiles=False no tile holds slices of two rows (see `tile_offsets`). patches_out: an
     all-zero float32 [num_shards, patch_budget, patch_dim] buffer to pack the patches into (e.g.
     shared memory), instead of a new array; a uint8 buffer receives pixel levels (items must carry

@@ -167,7 +167,7 @@ def fit_problem(item: PackableInput, spec: BatchSpec, stream: str = "query") -> 
     row_budget = spec.stream_row_budget(stream)
     if sizes and row_budget == 0:
         return (f"{len(item.grids)} image(s)/video(s), but data.{stream}_patches_per_row=0 makes this stream "
-                "text only (set it to -1 or a multiple of data.vision_block)")
+                "text only (unset it, or set a multiple of data.vision_block)")
     largest = max(sizes, default=0)
     if largest > spec.vision_block:
         return (f"a frame of {largest} patches exceeds data.vision_block={spec.vision_block} "

@@ -46,11 +46,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     # "uint8": patches travel as pixel levels and the train step normalises them on the device (the
     # same bits, a quarter of the bytes); "float32": normalised on the host
     cfg.patch_dtype = "uint8"
-    # Patch budget per stream: -1 = patches_per_row; 0 = text only (no patches, no vision tower pass for that
-    # stream; an example with media there is dropped); else a multiple of vision_block.
-    cfg.query_patches_per_row = -1
-    cfg.candidate_patches_per_row = -1
-    cfg.negative_patches_per_row = -1
+    # Patch budget of one example per stream: unset (None) = patches_per_row; 0 = text only (no patch buffer,
+    # no vision tower pass for that stream; an example with media there is dropped); else a multiple of
+    # vision_block.
+    cfg.query_patches_per_row = ml_collections.config_dict.placeholder(int)
+    cfg.candidate_patches_per_row = ml_collections.config_dict.placeholder(int)
+    cfg.negative_patches_per_row = ml_collections.config_dict.placeholder(int)
     cfg.tfds_data_dir = ""  # data_dir of tfds: sources ("" = TFDS's default)
     cfg.tfds_fields = ml_collections.ConfigDict({role: "" for role in TFDS_ROLES})  # role -> feature name
     # Pre-processing overrides, 0 = the model directory's preprocessor_config.json value.
@@ -90,9 +91,9 @@ class BatchSpec:
     merge_size: int = 2
     position_mode: str = "sequential"  # or "mrope"
     patch_dtype: str = "uint8"  # or "float32" (see default_data_config)
-    # Per-stream patch budgets (query, candidate, negative): -1 = patches_per_row; 0 = the stream is text
-    # only and its batch carries no patches, so the vision tower does not run for it.
-    stream_patches_per_row: tuple[int, int, int] = (-1, -1, -1)
+    # Per-stream patch budgets (query, candidate, negative): None = patches_per_row; 0 = the stream is text
+    # only and its batch carries no patches, so the vision tower does not run for it. Resolved to numbers.
+    stream_patches_per_row: tuple[int | None, int | None, int | None] = (None, None, None)
 
     def __post_init__(self):
         if not self.max_text_tokens:  # 0 (a config value) means no cap, as None does
@@ -110,11 +111,12 @@ class BatchSpec:
             raise ValueError(f"BatchSpec.position_mode: expected 'sequential' or 'mrope', got {self.position_mode!r}")
         if self.patch_dtype not in PATCH_DTYPES:
             raise ValueError(f"data.patch_dtype: expected one of {PATCH_DTYPES}, got {self.patch_dtype!r}")
-        object.__setattr__(self, "stream_patches_per_row", tuple(int(v) for v in self.stream_patches_per_row))
         for stream, value in zip(STREAMS, self.stream_patches_per_row):
-            if value != -1 and (value < 0 or value % self.vision_block):
-                raise ValueError(f"data.{stream}_patches_per_row: expected -1 (data.patches_per_row), 0 (text "
-                                 f"only) or a multiple of data.vision_block={self.vision_block}, got {value}")
+            if value is not None and (isinstance(value, bool) or value < 0 or value % self.vision_block):
+                raise ValueError(f"data.{stream}_patches_per_row: expected None (unset: data.patches_per_row), 0 "
+                                 f"(text only) or a multiple of data.vision_block={self.vision_block}, got {value}")
+        object.__setattr__(self, "stream_patches_per_row", tuple(
+            self.patches_per_row if value is None else int(value) for value in self.stream_patches_per_row))
 
     @property
     def local_batch_size(self) -> int:
@@ -128,8 +130,7 @@ class BatchSpec:
 
     def stream_row_budget(self, stream: str) -> int:
         """Patches one example may use in `stream` ("query", "candidate" or "negative"); 0 = text only."""
-        value = self.stream_patches_per_row[STREAMS.index(stream)]
-        return self.patches_per_row if value == -1 else value
+        return self.stream_patches_per_row[STREAMS.index(stream)]
 
     def stream_patch_budget(self, stream: str) -> int:
         """P of `stream`: patches per shard row of its batch (b * its per-example budget)."""
@@ -145,5 +146,4 @@ class BatchSpec:
                    max_text_tokens=int(data_cfg.max_text_tokens), pad_id=pad_id, patch_dim=patch_dim,
                    merge_size=merge_size, position_mode=position_mode,
                    patch_dtype=str(data_cfg.get("patch_dtype", "uint8")),
-                   stream_patches_per_row=tuple(int(data_cfg.get(f"{stream}_patches_per_row", -1))
-                                                for stream in STREAMS))
+                   stream_patches_per_row=tuple(data_cfg.get(f"{stream}_patches_per_row") for stream in STREAMS))

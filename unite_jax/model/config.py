@@ -1,23 +1,18 @@
-"""Model configuration: architecture read from a Hugging Face Qwen2-VL config.json.
+"""Model configuration: the architecture, read from a Hugging Face Qwen2-VL config.json.
 
 `ModelConfig` is a frozen, hashable dataclass so it can be a static argument of
-`jax.jit`. It holds the architecture (from the checkpoint) and the run options
-that change how the same weights are computed (dtype, remat, attention kernel,
-position scheme); the run options never change the parameters' shapes.
+`jax.jit`. It holds what the checkpoint fixes (widths, depths, heads, special token
+ids) and nothing else: how a run computes with those weights (dtypes, remat,
+attention kernel, LoRA, the vision tile) is `RunOptions` (model/options.py), passed
+alongside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any, Mapping
-
-POSITION_MODES = ("sequential", "mrope")
-ATTENTION_IMPLS = ("xla", "cudnn")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
@@ -78,7 +73,7 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture plus run options of the UNITE embedder."""
+    """Architecture of the UNITE embedder (a Qwen2-VL checkpoint)."""
 
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
@@ -86,34 +81,8 @@ class ModelConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
-    # --- run options (do not change parameter shapes) ---
-    positions: str = "sequential"  # UNITE's default; "mrope" = Qwen2-VL 3-D positions
-    compute_dtype: str = "float32"  # matmul inputs; norms/softmax/embedding stay float32
-    param_dtype: str = "float32"
-    attention_impl: str = "xla"
-    remat: str = "none"
-    scan_layers: bool = True
-    # Vision attention runs in tiles of this many patches: the packer keeps every (media, temporal
-    # slice) inside one tile, so attention is exact and costs O(patches * vision_block) instead of
-    # O(patches^2). 0 = one tile per packed row. Chosen per batch by the packer (`vision_block_for`).
-    vision_block: int = 0
-    # LoRA on the LLM's linear layers (model/lora.py). Both only act where the parameter tree carries
-    # `lora_a`/`lora_b` leaves (`with_lora`): scale = alpha / rank multiplies the LoRA branch, and
-    # dropout (inverted, on the LoRA branch input only) runs when the forward is given an rng.
-    lora_scale: float = 0.0
-    lora_dropout: float = 0.0
 
     def __post_init__(self):
-        if self.positions not in POSITION_MODES:
-            raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
-        if not math.isfinite(self.lora_scale):
-            raise ValueError(f"lora_scale must be a finite number, got {self.lora_scale!r}")
         if sum(self.text.mrope_section) * 2 != self.text.head_dim:
             raise ValueError(
                 f"mrope_section {self.text.mrope_section} must sum to head_dim/2 = {self.text.head_dim // 2}"
@@ -134,12 +103,12 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ HF I/O
     @classmethod
-    def from_hf_dict(cls, hf: Mapping[str, Any], **run_options: Any) -> "ModelConfig":
+    def from_hf_dict(cls, hf: Mapping[str, Any]) -> "ModelConfig":
         """Reads a Qwen2-VL config dict, transformers 4.x (flat) or 5.x (`text_config`) layout."""
-        return cls(vision=_vision_from_hf(hf), text=_text_from_hf(hf), **_token_ids_from_hf(hf), **run_options)
+        return cls(vision=_vision_from_hf(hf), text=_text_from_hf(hf), **_token_ids_from_hf(hf))
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, **run_options: Any) -> "ModelConfig":
+    def from_pretrained(cls, model_dir: str) -> "ModelConfig":
         path = os.path.join(model_dir, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{model_dir}: no config.json (expected a Hugging Face Qwen2-VL directory)")
@@ -152,7 +121,7 @@ class ModelConfig:
         if model_type not in (None, "qwen2_vl"):
             raise ValueError(f"{path}: field 'model_type' is {model_type!r}, expected 'qwen2_vl'")
         try:
-            return cls.from_hf_dict(hf, **run_options)
+            return cls.from_hf_dict(hf)
         except KeyError as e:
             raise ValueError(f"{path}: missing field {e.args[0]!r}") from e
 
@@ -266,21 +235,19 @@ def _token_ids_from_hf(hf: Mapping[str, Any]) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------- presets
-def preset(name: str, **run_options: Any) -> ModelConfig:
+def preset(name: str) -> ModelConfig:
     """Published shapes (`2b`, `7b`) and a `tiny` random-init model that runs on a CPU."""
     if name == "2b":
         return ModelConfig(
             vision=VisionConfig(out_hidden_size=1536),
             text=TextConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
                             num_heads=12, num_kv_heads=2, tie_word_embeddings=True),
-            **run_options,
         )
     if name == "7b":
         return ModelConfig(
             vision=VisionConfig(out_hidden_size=3584),
             text=TextConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
                             num_heads=28, num_kv_heads=4, tie_word_embeddings=False),
-            **run_options,
         )
     if name == "tiny":
         # The vocabulary size and special-token ids of the tiny test/demo tokenizer
@@ -294,6 +261,5 @@ def preset(name: str, **run_options: Any) -> ModelConfig:
             video_token_id=6,
             vision_start_token_id=3,
             vision_end_token_id=4,
-            **run_options,
         )
     raise ValueError(f"unknown model preset {name!r}; expected one of '2b', '7b', 'tiny'")

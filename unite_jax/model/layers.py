@@ -5,21 +5,25 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from unite_jax.model.options import LoraOptions
 
-def linear(x: jnp.ndarray, p: dict, dtype, *, lora_scale: float = 0.0, dropout_rate: float = 0.0,
-           rng=None) -> jnp.ndarray:
-    """x [..., in] @ kernel [in, out] (+ bias), matmul in `dtype`; plus a LoRA branch when `p` has one.
+
+def linear(x: jnp.ndarray, p: dict, dtype, *, lora: LoraOptions | None = None, rng=None) -> jnp.ndarray:
+    """x [..., in] @ kernel [in, out] (+ bias), matmul in `dtype`; plus the LoRA branch when `lora` is on.
 
     The leading axes are flattened first so that the weight gradient in the
     backward pass is one plain GEMM (a dot contracting several axes at once
     misses the fast GEMM path on XLA:CPU and runs several times slower).
 
-    When `p` holds `lora_a` [in, rank] and `lora_b` [rank, out] (see model/lora.py):
-        y = x @ kernel (+ bias) + lora_scale * ((dropout(x) @ lora_a) @ lora_b)
+    LoRA is on only when the run says so (`lora` given) AND this linear carries
+    `lora_a` [in, rank] and `lora_b` [rank, out] (see model/lora.py; linears that
+    LoRA does not target have none):
+        y = x @ kernel (+ bias) + lora.scale * ((dropout(x) @ lora_a) @ lora_b)
     with both LoRA matmuls in `dtype`. The dropout is inverted dropout on the
     LoRA branch input only (the base path always sees x), applied only when
-    `rng` is given and `dropout_rate` > 0: keep = jax.random.bernoulli(rng,
-    1 - dropout_rate, x.shape), dropout(x) = where(keep, x / (1 - dropout_rate), 0).
+    `rng` is given and `lora.dropout` > 0: keep = jax.random.bernoulli(rng,
+    1 - lora.dropout, x.shape), dropout(x) = where(keep, x / (1 - lora.dropout), 0).
+    LoRA leaves without `lora` are an error: they would silently train nothing.
     """
     x2 = x.astype(dtype).reshape(-1, x.shape[-1])
     kernel = p["kernel"].astype(dtype)
@@ -29,11 +33,10 @@ def linear(x: jnp.ndarray, p: dict, dtype, *, lora_scale: float = 0.0, dropout_r
     if "lora_a" in p or "lora_b" in p:
         if "lora_a" not in p or "lora_b" not in p:
             raise ValueError(f"a LoRA linear needs both 'lora_a' and 'lora_b', got keys {sorted(p)}")
-        if isinstance(lora_scale, (int, float)) and lora_scale == 0:
-            # A zero scale would silently train nothing: the caller forgot ModelConfig.lora_scale.
-            raise ValueError("the linear carries lora_a/lora_b but lora_scale is 0; set ModelConfig.lora_scale = "
-                             "lora.lora_scale(alpha, rank)")
-        y = y + lora_scale * _lora_branch(x, x2, p, dtype, dropout_rate, rng)
+        if lora is None:
+            raise ValueError("the linear carries lora_a/lora_b but the run has no LoRA; pass RunOptions(lora="
+                             "LoraOptions(scale=lora.lora_scale(alpha, rank), dropout=...))")
+        y = y + lora.scale * _lora_branch(x, x2, p, dtype, lora.dropout, rng)
     return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 

@@ -13,7 +13,7 @@ so partition rules written for `.../q_proj/kernel` extend naturally to
 `.../q_proj/lora_a|lora_b`.
 
 Using it:
-- training: `embed(with_lora(params, lora), batch, cfg.replace(lora_scale=s, lora_dropout=p), rng)`,
+- training: `embed(with_lora(params, lora), batch, cfg, run.replace(lora=LoraOptions(s, dropout=p)), rng)`,
   differentiated with respect to `lora` only. `with_lora` rebuilds dicts and
   shares every base array, so nothing is copied per step; pass the base params
   to the jitted step as an argument (not a closure) so they are not baked into
@@ -175,7 +175,7 @@ def with_lora(params: dict, lora: dict) -> dict:
     """Params with `lora_a`/`lora_b` inserted next to `kernel` in every linear that `lora` targets.
 
     No array is copied (only dicts are rebuilt), so this is free inside a jitted step. The forward
-    (`embed`, `text_model`) then adds the LoRA branch scaled by `cfg.lora_scale`.
+    (`embed`, `text_model`) then adds the LoRA branch scaled by `run.lora.scale`.
     """
     updates = {}
     for path, pair in _lora_pairs(lora):

@@ -101,15 +101,15 @@ def param_shapes(cfg: ModelConfig) -> Params:
     return shapes
 
 
-def abstract_params(cfg: ModelConfig, dtype: Any = None) -> Params:
+def abstract_params(cfg: ModelConfig, dtype: Any = "float32") -> Params:
     """`jax.ShapeDtypeStruct` leaves for the tree (no memory)."""
-    dtype = jnp.dtype(dtype or cfg.param_dtype)
+    dtype = jnp.dtype(dtype)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(cfg), is_leaf=_is_shape)
 
 
-def init_params(cfg: ModelConfig, seed: int = 0, dtype: Any = None, std: float = 0.02) -> Params:
+def init_params(cfg: ModelConfig, seed: int = 0, dtype: Any = "float32", std: float = 0.02) -> Params:
     """Random parameters (numpy on the host): normal(std) weights, unit norm weights, zero biases."""
-    dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
+    dtype = np.dtype(jnp.dtype(dtype))
     rng = np.random.default_rng(seed)
 
     def make(path, shape):

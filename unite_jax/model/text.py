@@ -1,8 +1,8 @@
 """Qwen2 decoder (the LLM of Qwen2-VL): GQA with q/k/v bias, RMSNorm, SwiGLU, M-RoPE.
 
-LoRA (model/lora.py): a linear whose parameter dict carries `lora_a`/`lora_b`
-adds its LoRA branch, scaled by `cfg.lora_scale`. Given an `rng`, LoRA dropout
-(`cfg.lora_dropout`) draws its masks from one key per decoder layer
+LoRA (model/lora.py): with `run.lora` set, a linear whose parameter dict carries
+`lora_a`/`lora_b` adds its LoRA branch, scaled by `run.lora.scale`. Given an `rng`,
+LoRA dropout (`run.lora.dropout`) draws its masks from one key per decoder layer
 (split(rng, num_layers)[layer]) and, inside a layer, one key per linear
 (split(layer_key, 7)[LORA_TARGETS.index(name)]), so each linear has its own mask.
 """
@@ -16,11 +16,12 @@ from unite_jax.model.attention import causal_padding_mask, dot_product_attention
 from unite_jax.model.config import ModelConfig
 from unite_jax.model.layers import linear, rms_norm, scan_layers
 from unite_jax.model.lora import LORA_TARGETS
+from unite_jax.model.options import RunOptions
 from unite_jax.model.rope import apply_rope, text_rope
 
 
 def decoder_layer(x: jnp.ndarray, p: dict, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray,
-                  cfg: ModelConfig, rng=None) -> jnp.ndarray:
+                  cfg: ModelConfig, run: RunOptions, rng=None) -> jnp.ndarray:
     """One pre-norm decoder layer. x: [batch, seq, hidden]; rng: this layer's LoRA-dropout key or None."""
     t = cfg.text
     dtype = x.dtype
@@ -28,7 +29,7 @@ def decoder_layer(x: jnp.ndarray, p: dict, cos: jnp.ndarray, sin: jnp.ndarray, m
     keys = jax.random.split(rng, len(LORA_TARGETS)) if rng is not None else None
 
     def proj(h, layer, name):
-        return linear(h, layer[name], dtype, lora_scale=cfg.lora_scale, dropout_rate=cfg.lora_dropout,
+        return linear(h, layer[name], dtype, lora=run.lora,
                       rng=None if keys is None else keys[LORA_TARGETS.index(name)])
 
     h = rms_norm(x, p["input_layernorm"]["weight"], t.rms_norm_eps)
@@ -37,7 +38,7 @@ def decoder_layer(x: jnp.ndarray, p: dict, cos: jnp.ndarray, sin: jnp.ndarray, m
     k = proj(h, a, "k_proj").reshape(b, s, t.num_kv_heads, t.head_dim)
     v = proj(h, a, "v_proj").reshape(b, s, t.num_kv_heads, t.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    attn = dot_product_attention(q, k, v, mask, impl=cfg.attention_impl).reshape(b, s, t.num_heads * t.head_dim)
+    attn = dot_product_attention(q, k, v, mask, impl=run.attention_impl).reshape(b, s, t.num_heads * t.head_dim)
     x = x + proj(attn, a, "o_proj")
     h = rms_norm(x, p["post_attention_layernorm"]["weight"], t.rms_norm_eps)
     m = p["mlp"]
@@ -46,7 +47,7 @@ def decoder_layer(x: jnp.ndarray, p: dict, cos: jnp.ndarray, sin: jnp.ndarray, m
 
 
 def text_model(params: dict, inputs_embeds: jnp.ndarray, attention_mask: jnp.ndarray, position_ids: jnp.ndarray,
-               cfg: ModelConfig, rng=None) -> jnp.ndarray:
+               cfg: ModelConfig, run: RunOptions, rng=None) -> jnp.ndarray:
     """Runs the decoder stack and the final RMSNorm.
 
     params: the `model` subtree (layers stacked on axis 0, norm; optionally LoRA leaves, see lora.py)
@@ -56,7 +57,7 @@ def text_model(params: dict, inputs_embeds: jnp.ndarray, attention_mask: jnp.nda
     Returns the normalised hidden states [batch, seq, hidden] in the compute dtype.
     """
     t = cfg.text
-    x = inputs_embeds.astype(jnp.dtype(cfg.compute_dtype))
+    x = inputs_embeds.astype(jnp.dtype(run.compute_dtype))
     cos, sin = text_rope(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
     mask = causal_padding_mask(attention_mask)
     # One key per layer, scanned together with the stacked layer params (None scans as an empty tree).
@@ -65,7 +66,7 @@ def text_model(params: dict, inputs_embeds: jnp.ndarray, attention_mask: jnp.nda
 
     def body(carry, layer):
         layer_params, layer_key = layer
-        return decoder_layer(carry, layer_params, cos, sin, mask, cfg, rng=layer_key)
+        return decoder_layer(carry, layer_params, cos, sin, mask, cfg, run, rng=layer_key)
 
-    x = scan_layers(body, x, (params["layers"], layer_keys), remat=cfg.remat, use_scan=cfg.scan_layers)
+    x = scan_layers(body, x, (params["layers"], layer_keys), remat=run.remat, use_scan=run.scan_layers)
     return rms_norm(x, params["norm"]["weight"], t.rms_norm_eps)

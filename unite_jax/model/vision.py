@@ -13,11 +13,12 @@ import jax.numpy as jnp
 from unite_jax.model.attention import blocked_segment_attention
 from unite_jax.model.config import ModelConfig
 from unite_jax.model.layers import activation, layer_norm, linear, scan_layers
+from unite_jax.model.options import RunOptions
 from unite_jax.model.rope import apply_rope, vision_rope
 
 
 def vision_block(x: jnp.ndarray, p: dict, cos: jnp.ndarray, sin: jnp.ndarray, segment_ids: jnp.ndarray,
-                 cfg: ModelConfig) -> jnp.ndarray:
+                 cfg: ModelConfig, run: RunOptions) -> jnp.ndarray:
     """One pre-norm ViT block. x: [rows, patches, embed_dim]."""
     v = cfg.vision
     dtype = x.dtype
@@ -26,7 +27,7 @@ def vision_block(x: jnp.ndarray, p: dict, cos: jnp.ndarray, sin: jnp.ndarray, se
     qkv = linear(h, p["attn"]["qkv"], dtype).reshape(rows, n, 3, v.num_heads, v.head_dim)
     q, k, val = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    attn = blocked_segment_attention(q, k, val, segment_ids, block=cfg.vision_block or n, impl=cfg.attention_impl)
+    attn = blocked_segment_attention(q, k, val, segment_ids, block=run.vision_block or n, impl=run.attention_impl)
     attn = attn.reshape(rows, n, v.embed_dim)
     x = x + linear(attn, p["attn"]["proj"], dtype)
     h = layer_norm(x, p["norm2"], v.layer_norm_eps)
@@ -48,17 +49,17 @@ def patch_merger(x: jnp.ndarray, p: dict, cfg: ModelConfig) -> jnp.ndarray:
 
 
 def vision_tower(params: dict, patches: jnp.ndarray, segment_ids: jnp.ndarray, patch_positions: jnp.ndarray,
-                 cfg: ModelConfig) -> jnp.ndarray:
+                 cfg: ModelConfig, run: RunOptions) -> jnp.ndarray:
     """Packed patches -> merged visual tokens.
 
     patches: [rows, patches, C*T*P*P] (pixel values, any float dtype)
     segment_ids: [rows, patches] int32, one id per (media, temporal slice); -1 = padding.
-        Segments never straddle a block of `cfg.vision_block` patches (the packer's layout).
+        Segments never straddle a block of `run.vision_block` patches (the packer's layout).
     patch_positions: [rows, patches, 2] int32, (row, column) of each patch in its image
     Returns [rows, patches / 4, llm_hidden] in the compute dtype.
     """
     v = cfg.vision
-    dtype = jnp.dtype(cfg.compute_dtype)
+    dtype = jnp.dtype(run.compute_dtype)
     if patches.shape[1] % v.merge_unit:
         raise ValueError(f"patch rows must hold a multiple of {v.merge_unit} patches, got {patches.shape[1]}")
     # Conv3d with kernel == stride over a flattened patch is a single matmul.
@@ -66,7 +67,7 @@ def vision_tower(params: dict, patches: jnp.ndarray, segment_ids: jnp.ndarray, p
     cos, sin = vision_rope(patch_positions, v.head_dim, v.rope_theta)
 
     def body(carry, layer_params):
-        return vision_block(carry, layer_params, cos, sin, segment_ids, cfg)
+        return vision_block(carry, layer_params, cos, sin, segment_ids, cfg, run)
 
-    x = scan_layers(body, x, params["blocks"], remat=cfg.remat, use_scan=cfg.scan_layers)
+    x = scan_layers(body, x, params["blocks"], remat=run.remat, use_scan=run.scan_layers)
     return patch_merger(x, params["merger"], cfg)

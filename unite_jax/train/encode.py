@@ -10,6 +10,7 @@ gathered back to every host.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import math
 import os
 from typing import Callable, Sequence
@@ -25,6 +26,7 @@ from unite_jax.data.tokenize import PromptTokenizer
 from unite_jax.model.config import ModelConfig
 from unite_jax.data.packing import BATCH_KEYS
 from unite_jax.model.embedder import embed
+from unite_jax.model.options import RunOptions
 from unite_jax.parallel import BATCH_AXES
 
 
@@ -40,7 +42,7 @@ def _to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def make_encoder(params_fn: Callable[[], dict], cfg: ModelConfig, tokenizer: PromptTokenizer,
+def make_encoder(params_fn: Callable[[], dict], cfg: ModelConfig, run: RunOptions, tokenizer: PromptTokenizer,
                  processor: ProcessorConfig, mesh: Mesh, *, batch_size: int = 32,
                  max_text_tokens: int = 2048) -> Callable[[Sequence[dict]], np.ndarray]:
     """encode(items) -> float32 [N, D] L2-normalised, with the parameters params_fn() returns at call time."""
@@ -48,8 +50,9 @@ def make_encoder(params_fn: Callable[[], dict], cfg: ModelConfig, tokenizer: Pro
     rows_per_shard = max(1, math.ceil(batch_size / num_shards))
     rows = rows_per_shard * num_shards
     text_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-    forward = jax.jit(embed, static_argnames="cfg")
-    eval_cfg = cfg.replace(lora_dropout=0.0, remat="none")
+    forward = jax.jit(embed, static_argnames=("cfg", "run"))
+    # no dropout and no remat: evaluation takes no gradient
+    eval_run = run.replace(remat="none", lora=None if run.lora is None else dataclasses.replace(run.lora, dropout=0.0))
 
     def encode(items: Sequence[dict]) -> np.ndarray:
         items = list(items)
@@ -65,10 +68,10 @@ def make_encoder(params_fn: Callable[[], dict], cfg: ModelConfig, tokenizer: Pro
             seq_len, patch_budget, block = choose_shapes(batch_items, num_shards, rows_per_shard)
             packed = pack_batch(batch_items, num_shards=num_shards, rows_per_shard=rows_per_shard, seq_len=seq_len,
                                 patch_budget=patch_budget, pad_id=tokenizer.pad_id, patch_dim=cfg.vision.patch_dim,
-                                merge_size=cfg.vision.spatial_merge_size, position_mode=cfg.positions,
+                                merge_size=cfg.vision.spatial_merge_size, position_mode=run.positions,
                                 vision_block=block)
             batch = {key: _to_global(packed[key], text_sharding) for key in BATCH_KEYS}
-            vectors = _to_host(forward(params, batch, eval_cfg.replace(vision_block=block)))
+            vectors = _to_host(forward(params, batch, cfg, eval_run.replace(vision_block=block)))
             out[members] = vectors[:len(members)]
         return out
 

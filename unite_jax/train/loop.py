@@ -31,6 +31,7 @@ from unite_jax.data.pipeline import BatchSpec, build_train_iterator, make_proces
 from unite_jax.data.tokenize import PromptTokenizer
 from unite_jax.model import lora as lora_lib
 from unite_jax.model.config import ModelConfig
+from unite_jax.model.options import LoraOptions, RunOptions, default_attention
 from unite_jax.model.params import abstract_params
 from unite_jax.train import model_init
 from unite_jax.train.checkpoint import RunCheckpointer
@@ -51,17 +52,15 @@ class TrainingError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- configuration helpers
-def run_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """ModelConfig run options from the config (dtypes, remat, positions, attention, LoRA scale)."""
-    platform = jax.default_backend()
-    attention = config.model.attention_impl or (
-        "cudnn" if platform == "gpu" and config.model.compute_dtype != "float32" else "xla")
+def run_options(config: ml_collections.ConfigDict) -> RunOptions:
+    """How the stage computes (dtypes, remat, positions, attention, LoRA scale and dropout, the vision tile)."""
+    attention = config.model.attention_impl or default_attention(jax.default_backend(), config.model.compute_dtype)
     rank = config.lora.rank
-    return dict(positions=config.model.positions, compute_dtype=config.model.compute_dtype,
-                param_dtype=config.model.dtype, attention_impl=attention, remat=config.model.remat,
-                scan_layers=config.model.scan_layers,
-                lora_scale=lora_lib.lora_scale(config.lora.alpha, rank) if rank > 0 else 0.0,
-                lora_dropout=config.lora.dropout if rank > 0 else 0.0)
+    lora = LoraOptions(lora_lib.lora_scale(config.lora.alpha, rank), config.lora.dropout) if rank > 0 else None
+    # the vision tower attends tile by tile, in the pipeline's static tiles
+    return RunOptions(positions=config.model.positions, compute_dtype=config.model.compute_dtype,
+                      param_dtype=config.model.dtype, attention_impl=attention, remat=config.model.remat,
+                      scan_layers=config.model.scan_layers, vision_block=int(config.data.vision_block), lora=lora)
 
 
 def lora_targets(config) -> tuple[str, ...]:
@@ -136,12 +135,12 @@ def split_trainable(base: dict, config, cfg: ModelConfig, lora_shardings) -> tup
     return frozen, trainable
 
 
-def merged_params(frozen: dict, trainable: dict, config, cfg: ModelConfig, shardings) -> dict:
+def merged_params(frozen: dict, trainable: dict, run: RunOptions, shardings) -> dict:
     """Full parameters in the param dtype with LoRA folded in (the stage's final model)."""
-    if config.lora.rank > 0:
-        merge = jax.jit(functools.partial(lora_lib.merge_lora, scale=cfg.lora_scale), out_shardings=shardings)
+    if run.lora is not None:
+        merge = jax.jit(functools.partial(lora_lib.merge_lora, scale=run.lora.scale), out_shardings=shardings)
         return merge(frozen, trainable)
-    dtype = jnp.dtype(cfg.param_dtype)
+    dtype = jnp.dtype(run.param_dtype)
     return {**frozen, **jax.tree.map(lambda x: x.astype(dtype), trainable)}
 
 
@@ -165,15 +164,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         console(f"{stage}: {model_dir} is already complete ({total_steps} steps); nothing to do")
         return {"model_dir": model_dir, "steps": total_steps, "resumed_finished": True}
 
-    # the vision tower attends tile by tile, in the pipeline's static tiles
-    cfg = model_init.model_config(config.model, {**run_options(config), "vision_block": config.data.vision_block})
+    cfg = model_init.model_config(config.model)
+    run = run_options(config)
     assets = model_init.prepare_assets(config.model, workdir, jax.process_index())
     tokenizer = PromptTokenizer.from_pretrained(assets)
     tokenizer.check_model_ids(cfg.image_token_id, cfg.video_token_id)
     processor = make_processor(assets, config.data)
 
-    base_shardings = parallel.param_shardings(abstract_params(cfg), mesh)
-    base = model_init.load_base_params(config.model, cfg, base_shardings, config.seed)
+    base_shardings = parallel.param_shardings(abstract_params(cfg, run.param_dtype), mesh)
+    base = model_init.load_base_params(config.model, cfg, run.param_dtype, base_shardings, config.seed)
     lora_shardings = None
     if config.lora.rank > 0:
         lora_shardings = parallel.param_shardings(
@@ -208,7 +207,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     spec = BatchSpec.from_config(config.data, num_chunks=chunks, local_shards=local_shards,
                                  rows_per_shard=rows_per_shard, pad_id=tokenizer.pad_id,
                                  patch_dim=cfg.vision.patch_dim, merge_size=cfg.vision.spatial_merge_size,
-                                 position_mode=cfg.positions)
+                                 position_mode=run.positions)
     iterator = build_train_iterator(config.data, spec, tokenizer, processor, seed=config.seed,
                                     process_index=jax.process_index(), process_count=jax.process_count())
     if data_state is not None:
@@ -219,17 +218,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                             scale=config.loss.scale)
     if config.train.chunk_mode not in ("gradcache", "accumulate"):
         raise ValueError(f"train.chunk_mode must be 'gradcache' or 'accumulate', got {config.train.chunk_mode!r}")
-    step_fn = jax.jit(functools.partial(train_step, cfg=cfg, settings=settings, tx=tx, schedule=schedule,
-                                        use_lora=config.lora.rank > 0, has_negatives=bool(config.data.hard_negatives),
+    step_fn = jax.jit(functools.partial(train_step, cfg=cfg, run=run, settings=settings, tx=tx, schedule=schedule,
+                                        has_negatives=bool(config.data.hard_negatives),
                                         accumulate=config.train.chunk_mode == "accumulate",
                                         pixel_table=media.normalize_table(processor)),
                       donate_argnums=(0,), out_shardings=(state_shardings, None))
 
-    use_lora = config.lora.rank > 0
     tasks = eval_tasks(config.eval.files)
     encoder = None
     if tasks:
-        encoder = make_encoder(lambda: full_params(frozen, state.trainable, use_lora), cfg, tokenizer, processor,
+        encoder = make_encoder(lambda: full_params(frozen, state.trainable, run), cfg, run, tokenizer, processor,
                                mesh, batch_size=config.eval.batch_size, max_text_tokens=config.data.max_text_tokens)
 
     def run_eval(step: int) -> dict[str, float]:
@@ -276,9 +274,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         metrics_log.flush()
 
     final_eval = run_eval(total_steps) if (tasks and config.eval.at_end) else {}
-    params = merged_params(frozen, state.trainable, config, cfg, base_shardings)
+    params = merged_params(frozen, state.trainable, run, base_shardings)
     lora_meta = ({"rank": config.lora.rank, "alpha": config.lora.alpha, "targets": list(lora_targets(config)),
-                  "merged": True} if use_lora else None)
+                  "merged": True} if run.lora is not None else None)
     orbax_model.save_model_dir(model_dir, params, cfg, assets_from=assets, lora_meta=lora_meta,
                                source=f"{workdir} ({stage}, {total_steps} steps)",
                                extra={"finished": True, "steps": total_steps, "stage": stage,

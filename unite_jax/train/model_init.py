@@ -11,10 +11,8 @@ random init takes them from `model.tokenizer` (the tiny preset builds its own).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-from typing import Any
 
 import jax
 import numpy as np
@@ -49,16 +47,15 @@ def init_kind(init: str) -> str:
     return "model"
 
 
-def model_config(model_cfg, run_options: dict[str, Any]) -> ModelConfig:
-    """The architecture named by model.init (or model.preset for a random init) plus run options."""
+def model_config(model_cfg) -> ModelConfig:
+    """The architecture named by model.init (or model.preset for a random init)."""
     kind = init_kind(model_cfg.init)
     if kind == "random":
-        return preset(model_cfg.preset, **run_options)
+        return preset(model_cfg.preset)
     if kind == "hf":
-        return ModelConfig.from_pretrained(model_cfg.init, **run_options)
-    meta_path = os.path.join(orbax_model.resolve_model_dir(model_cfg.init), orbax_model.MODEL_META)
-    with open(meta_path) as f:
-        return ModelConfig.from_hf_dict(json.load(f)["config"], **run_options)
+        return ModelConfig.from_pretrained(model_cfg.init)
+    model_dir = orbax_model.resolve_model_dir(model_cfg.init)
+    return orbax_model.config_from_meta(orbax_model.read_meta(model_dir), model_dir)
 
 
 def prepare_assets(model_cfg, workdir: str, process_index: int) -> str:
@@ -112,18 +109,18 @@ def place_host_tree(tree: dict, shardings: dict) -> dict:
     return out
 
 
-def load_base_params(model_cfg, cfg: ModelConfig, shardings: dict, seed: int) -> dict:
-    """The starting parameters as global arrays placed with `shardings` (param dtype of cfg)."""
+def load_base_params(model_cfg, cfg: ModelConfig, dtype: str, shardings: dict, seed: int) -> dict:
+    """The starting parameters in `dtype`, as global arrays placed with `shardings`."""
     kind = init_kind(model_cfg.init)
     if kind == "random":
         from unite_jax.model.params import init_params
 
-        return place_host_tree(init_params(cfg, seed=seed, std=model_cfg.init_std), shardings)
+        return place_host_tree(init_params(cfg, seed=seed, dtype=dtype, std=model_cfg.init_std), shardings)
     if kind == "hf":
         from unite_jax.convert.hf import load_hf_params
 
-        return place_host_tree(load_hf_params(model_cfg.init, cfg, dtype=cfg.param_dtype), shardings)
-    params, _, _ = orbax_model.load_model_dir(orbax_model.resolve_model_dir(model_cfg.init), dtype=cfg.param_dtype,
+        return place_host_tree(load_hf_params(model_cfg.init, cfg, dtype=dtype), shardings)
+    params, _, _ = orbax_model.load_model_dir(orbax_model.resolve_model_dir(model_cfg.init), dtype=dtype,
                                               sharding=shardings)
     return params
 

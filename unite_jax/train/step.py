@@ -12,8 +12,8 @@ C > 1: GradCache (unite_jax/gradcache.py, "stacked" layout): the exact
 full-batch gradient with the activation memory of one chunk.
 
 The trainable tree is either LoRA (A, B) pairs, with the frozen base passed
-alongside (never copied: `with_lora` only rebuilds dicts), or every parameter
-the embedding uses (lora.rank = 0).
+alongside (never copied: `with_lora` only rebuilds dicts) and `run.lora` set, or
+every parameter the embedding uses (lora.rank = 0, `run.lora` None).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from unite_jax.model.config import ModelConfig
 from unite_jax.data.packing import BATCH_KEYS
 from unite_jax.model.embedder import embed
 from unite_jax.model.lora import with_lora
+from unite_jax.model.options import RunOptions
 from unite_jax.model.pixels import normalize_stream
 from unite_jax.train.optim import global_norm
 from unite_jax.train.state import TrainState
@@ -49,9 +50,10 @@ class LossSettings:
     scale: float = 1.0
 
 
-def full_params(frozen: dict, trainable: dict, use_lora: bool) -> dict:
-    """The parameter tree the forward sees: base + LoRA leaves, or the trainable tree over the frozen rest."""
-    if use_lora:
+def full_params(frozen: dict, trainable: dict, run: RunOptions) -> dict:
+    """The parameter tree the forward sees: base + LoRA leaves (`run.lora` set), or the trainable tree over the
+    frozen rest."""
+    if run.lora is not None:
         return with_lora(frozen, trainable)
     return {**frozen, **trainable}
 
@@ -86,17 +88,17 @@ def make_loss_fn(batch: dict, settings: LossSettings, has_negatives: bool) -> Ca
     return loss_fn
 
 
-def make_embed_fn(frozen: dict, cfg: ModelConfig, use_lora: bool, pixel_table=None) -> Callable:
+def make_embed_fn(frozen: dict, cfg: ModelConfig, run: RunOptions, pixel_table=None) -> Callable:
     """embed_fn(trainable, sub_batch, key) -> [rows (x2 with negatives), D] for GradCache and the plain path.
 
     A sub-batch is {"main": stream} or {"main": stream, "negative": stream}; the negatives get their own
     dropout key. pixel_table (float32 [3, 256]) normalises streams whose patches are uint8 levels.
     """
     def embed_stream(params, stream, key):
-        return embed(params, normalize_stream(stream, pixel_table), cfg, key)
+        return embed(params, normalize_stream(stream, pixel_table), cfg, run, key)
 
     def embed_fn(trainable, sub_batch, key=None):  # GradCache passes no key when there is no dropout
-        params = full_params(frozen, trainable, use_lora)
+        params = full_params(frozen, trainable, run)
         main = embed_stream(params, sub_batch["main"], key)
         if "negative" not in sub_batch:
             return main
@@ -151,21 +153,21 @@ def loss_and_grads_single(trainable: dict, embed_fn: Callable, batch: dict, drop
     return loss, metrics, grads
 
 
-def loss_and_grads(trainable: dict, frozen: dict, batch: dict, rng, *, cfg: ModelConfig, settings: LossSettings,
-                   use_lora: bool, has_negatives: bool, accumulate: bool = False,
+def loss_and_grads(trainable: dict, frozen: dict, batch: dict, rng, *, cfg: ModelConfig, run: RunOptions,
+                   settings: LossSettings, has_negatives: bool, accumulate: bool = False,
                    pixel_table=None) -> tuple[jnp.ndarray, dict, dict]:
     """(loss, metrics, grads w.r.t. trainable) for one global batch.
 
     C > 1 chunks: GradCache (the exact gradient of the loss over the whole batch), or with accumulate=True
     plain gradient accumulation (each chunk its own contrastive batch). pixel_table: see make_embed_fn."""
     num_chunks = batch["candidate_modality"].shape[0]
-    embed_fn = make_embed_fn(frozen, cfg, use_lora, pixel_table)
+    embed_fn = make_embed_fn(frozen, cfg, run, pixel_table)
     loss_fn = make_loss_fn(batch, settings, has_negatives)
     query = {"main": _stream(batch, "query")}
     candidate = {"main": _stream(batch, "candidate")}
     if has_negatives:
         candidate["negative"] = _stream(batch, "negative")
-    dropout = rng if cfg.lora_dropout > 0 else None
+    dropout = rng if run.lora is not None and run.lora.dropout > 0 else None
     if num_chunks > 1 and accumulate:
         return _accumulated(trainable, embed_fn, batch, dropout, settings=settings, has_negatives=has_negatives)
     if num_chunks > 1:
@@ -175,16 +177,16 @@ def loss_and_grads(trainable: dict, frozen: dict, batch: dict, rng, *, cfg: Mode
     return loss_and_grads_single(trainable, embed_fn, batch, dropout, settings, has_negatives)
 
 
-def train_step(state: TrainState, frozen: dict, batch: dict, *, cfg: ModelConfig, settings: LossSettings,
-               tx: optax.GradientTransformation, schedule: Callable, use_lora: bool,
-               has_negatives: bool, accumulate: bool = False, pixel_table=None) -> tuple[TrainState, dict[str, Any]]:
+def train_step(state: TrainState, frozen: dict, batch: dict, *, cfg: ModelConfig, run: RunOptions,
+               settings: LossSettings, tx: optax.GradientTransformation, schedule: Callable, has_negatives: bool,
+               accumulate: bool = False, pixel_table=None) -> tuple[TrainState, dict[str, Any]]:
     """One AdamW step; a non-finite loss or gradient leaves the state unchanged (metrics["finite"] = 0).
 
     pixel_table: float32 [3, 256] (`media.normalize_table(processor)`), needed when the batch's patches
     are uint8 pixel levels (data.patch_dtype="uint8"); a constant of the compiled step."""
     step_rng = jax.random.fold_in(state.rng, state.step)
-    loss, metrics, grads = loss_and_grads(state.trainable, frozen, batch, step_rng, cfg=cfg, settings=settings,
-                                          use_lora=use_lora, has_negatives=has_negatives, accumulate=accumulate,
+    loss, metrics, grads = loss_and_grads(state.trainable, frozen, batch, step_rng, cfg=cfg, run=run,
+                                          settings=settings, has_negatives=has_negatives, accumulate=accumulate,
                                           pixel_table=pixel_table)
     grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
