@@ -30,7 +30,7 @@ def worker(stage: str, src: str, dst: str, weights: int, group_bytes: int) -> No
     import jax
     import orbax.checkpoint  # noqa: F401  (imports are part of the baseline)
 
-    from unite_jax.convert import orbax_model
+    from unite_jax.convert import conversions, orbax_model
 
     group_bytes = group_bytes or orbax_model.RESTORE_GROUP_BYTES
 
@@ -38,9 +38,9 @@ def worker(stage: str, src: str, dst: str, weights: int, group_bytes: int) -> No
     base = high_water_mark()
     start = time.time()
     if stage == "import":
-        orbax_model.hf_to_model_dir(src, dst)
+        conversions.hf_to_model_dir(src, dst)
     elif stage == "export":
-        orbax_model.model_dir_to_hf(src, dst, group_bytes=group_bytes)
+        conversions.model_dir_to_hf(src, dst, group_bytes=group_bytes)
     else:
         params, _, _ = orbax_model.load_model_dir(src, group_bytes=group_bytes)
         assert sum(x.nbytes for x in jax.tree.leaves(params)) == weights

@@ -149,7 +149,7 @@ def jax_worker(args) -> None:
     prepared = prepared_items(args.model_dir, args.batch)
     num_shards = len(embedder.mesh.devices.ravel())
     rows_per_shard = -(-args.batch // num_shards)
-    encode_batch = lambda: embedder._encode_batch(prepared, num_shards, rows_per_shard).block_until_ready()
+    encode_batch = lambda: embedder.encoder.encode_batch(embedder.params, prepared, rows_per_shard).block_until_ready()
     start = time.perf_counter()
     vectors = np.asarray(encode_batch())[: args.batch]
     compile_s = time.perf_counter() - start

@@ -32,7 +32,7 @@ def high_water_mark() -> int:
 def worker(model_dir: str, dtype: str, stage: str) -> None:
     import jax
 
-    from unite_jax.api import _device_put_in_place
+    from unite_jax import parallel
     from unite_jax.convert.hf import load_hf_params
     from unite_jax.model.config import ModelConfig
 
@@ -42,7 +42,7 @@ def worker(model_dir: str, dtype: str, stage: str) -> None:
     params = load_hf_params(model_dir, cfg, dtype=dtype)
     weights = sum(x.nbytes for x in jax.tree.leaves(params))
     if stage == "device":
-        params = _device_put_in_place(params, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        params = parallel.place_tree(params, jax.sharding.SingleDeviceSharding(jax.devices()[0]), in_place=True)
         jax.block_until_ready(params)
     peak = high_water_mark()
     print(json.dumps({"bench": "load_memory", "stage": stage, "dtype": dtype, "weights_gib": weights / 2**30,

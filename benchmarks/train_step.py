@@ -119,15 +119,13 @@ def model_config(name: str):
 def write_model_dir(name: str, directory: str, seed: int = 0) -> None:
     """Random float32 weights of config `name` as a Hugging Face directory + tiny tokenizer + pixel budget."""
     from unite_jax.convert.hf import save_hf_params
-    from unite_jax.data import media, tiny_tokenizer
+    from unite_jax.data import tiny_tokenizer
     from unite_jax.model.params import init_params
-    from unite_jax.train.model_init import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 
     cfg = model_config(name)
     os.makedirs(directory, exist_ok=True)
     save_hf_params(init_params(cfg, seed=seed, std=0.05), cfg, directory)
-    tiny_tokenizer.build(directory)
-    media.ProcessorConfig(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS).save_pretrained(directory)
+    tiny_tokenizer.write_assets(directory)
 
 
 def dims(cfg) -> dict:
@@ -155,7 +153,7 @@ def trainer(cfg, run, mesh, pixel_table, lora_seed: int = 1):
     from unite_jax.train.step import LossSettings, train_step
 
     lora_shardings = parallel.param_shardings(lora_lib.abstract_lora(cfg, LORA_RANK, dtype="float32"), mesh)
-    lora = parallel.shard_tree(lora_lib.init_lora(cfg, LORA_RANK, seed_or_key=lora_seed, dtype="float32"),
+    lora = parallel.place_tree(lora_lib.init_lora(cfg, LORA_RANK, seed_or_key=lora_seed, dtype="float32"),
                                lora_shardings)
     tx, schedule = make_optimizer(LEARNING_RATE, SCHEDULE_STEPS, warmup_fraction=0.0)
     make_state = jax.jit(functools.partial(create_state, tx=tx, seed=0))
@@ -201,7 +199,6 @@ def jax_cpu_worker(args) -> None:
                                          default_data_config, index_dataset, open_sources, pack_examples,
                                          prefetch_to_device)
     from unite_jax.data.tokenize import PromptTokenizer
-    from unite_jax.model import lora as lora_lib
     from unite_jax.model.config import ModelConfig
     from unite_jax.model.params import abstract_params
 
@@ -211,7 +208,7 @@ def jax_cpu_worker(args) -> None:
                    remat="none", vision_block=args.vision_block)
     tokenizer = PromptTokenizer.from_pretrained(args.model_dir)
     processor = media.ProcessorConfig.from_pretrained(args.model_dir)
-    frozen = parallel.shard_tree(load_hf_params(args.model_dir, cfg),
+    frozen = parallel.place_tree(load_hf_params(args.model_dir, cfg),
                                  parallel.param_shardings(abstract_params(cfg), mesh))
     lora, fresh_state, step_fn = trainer(cfg, run, mesh, media.normalize_table(processor))
     save_lora_a(os.path.join(args.work_dir, "lora_a.npz"), lora)
@@ -448,7 +445,6 @@ def jax_gpu_worker(args) -> None:
     from unite_jax import parallel
     from unite_jax.data import media, tiny_tokenizer
     from unite_jax.data.tokenize import PromptTokenizer
-    from unite_jax.model import lora as lora_lib
     from unite_jax.model.params import abstract_params
 
     tiny = args.tiny_gpu_shapes

@@ -37,11 +37,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.max_shard_gb <= 0:
         return _fail(f"--max_shard_gb must be positive, got {args.max_shard_gb}")
-    from unite_jax.convert import orbax_model  # after argument parsing: --help stays fast
+    from unite_jax.convert import conversions  # after argument parsing: --help stays fast
 
     start = time.time()
     try:
-        direction, dst = orbax_model.convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+        direction, dst = conversions.convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                                              max_shard_bytes=int(args.max_shard_gb * 10**9))
     except (OSError, ValueError) as e:  # FileNotFoundError, FileExistsError, ModelDirError, CheckpointError, ...
         return _fail(str(e))

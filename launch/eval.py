@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from unite_jax.cli import common as cli  # noqa: E402
 from unite_jax.eval.evaluate import evaluate, format_table  # noqa: E402
 from unite_jax.eval.retrieval import BACKENDS  # noqa: E402
-from unite_jax.eval.store import write_text_atomic  # noqa: E402
+from unite_jax import files  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     print(format_table(result), file=sys.stderr, flush=True)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        write_text_atomic(args.output, text + "\n")
+        files.write_text(args.output, text + "\n")
     print(text, flush=True)
     return 0
 

@@ -3,7 +3,7 @@
 Every `import` / `from ... import` of a `unite_jax` module (at any depth of a file, lazy imports too) must
 point to the same layer or a lower one. The layers, lowest first:
 
-  0 leaf      unite_jax/modality.py, atomic.py, progress.py: import nothing from the package
+  0 leaf      unite_jax/modality.py, files.py, progress.py: import nothing from the package
   1 model     unite_jax/model/
   2 loss      unite_jax/loss.py, gradcache.py, parallel.py
   3 data      unite_jax/data/ (and only leaf + data: no model, no loss, and never jax)
@@ -25,7 +25,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "unite_jax")
 LAYERS = {"leaf": 0, "model": 1, "loss": 2, "data": 3, "run": 4, "api": 5, "launch": 6}
-LEAF_MODULES = {"unite_jax.modality", "unite_jax.atomic", "unite_jax.progress"}
+LEAF_MODULES = {"unite_jax.modality", "unite_jax.files", "unite_jax.progress"}
 LOSS_MODULES = {"unite_jax.loss", "unite_jax.gradcache", "unite_jax.parallel"}
 # Third-party packages that mean "JAX is imported": never in the data layer (Grain workers, configs).
 JAX_PACKAGES = {"jax", "jaxlib", "flax", "optax", "orbax", "chex"}

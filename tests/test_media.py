@@ -17,6 +17,7 @@ from transformers.vision_utils import get_vision_position_ids
 
 from unite_jax.data import media
 from unite_jax.data.media import MediaError, ProcessorConfig
+from unite_jax.data.packing import vision_rope_positions
 
 UNITE_BUDGET = (256 * 28 * 28, 1280 * 28 * 28)
 SMALL_BUDGET = (56 * 56, 128 * 28 * 28)
@@ -425,18 +426,18 @@ def test_preprocess_video_from_file(mp4_video):
 @pytest.mark.parametrize("grids", [[[1, 4, 6]], [[3, 2, 8], [1, 6, 4]], [[2, 10, 14]]])
 def test_vision_rope_positions_match_transformers(grids):
     expected = get_vision_position_ids(torch.tensor(grids), 2).numpy()
-    got = media.vision_rope_positions(np.array(grids), 2)
+    got = vision_rope_positions(np.array(grids), 2)
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, expected)
     if len(grids) == 1:
-        np.testing.assert_array_equal(media.vision_rope_positions(np.array(grids[0]), 2), expected)
+        np.testing.assert_array_equal(vision_rope_positions(np.array(grids[0]), 2), expected)
 
 
 def test_vision_rope_positions_follow_patch_order():
     # Patch k of a [1, H, W] image comes from pixel block (row*14, col*14) given by its position.
     frames = np.arange(56 * 84, dtype=np.float32).reshape(1, 56, 84, 1).repeat(2, axis=0)
     patches, grid_thw = media.patchify(frames, 14, 2, 2)
-    positions = media.vision_rope_positions(grid_thw, 2)
+    positions = vision_rope_positions(grid_thw, 2)
     first_pixel = patches[:, 0]  # (channel 0, frame 0, row 0, col 0) of each patch
     np.testing.assert_array_equal(first_pixel, positions[:, 0] * 14 * 84 + positions[:, 1] * 14)
 

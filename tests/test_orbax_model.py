@@ -25,7 +25,7 @@ import torch
 from test_embedder import _photo, _reference, _video_frames
 
 from unite_jax import Embedder
-from unite_jax.convert import hf, orbax_model
+from unite_jax.convert import conversions, hf, orbax_io, orbax_model
 from unite_jax.convert import safetensors_io as st
 from unite_jax.convert.model_card import SNIPPET_IMAGE, SNIPPET_PATH, snippet_from_card
 from unite_jax.model.config import ModelConfig
@@ -94,8 +94,8 @@ def assert_trees_bit_equal(actual, expected):
 ])
 def test_round_trip_hf_orbax_hf_is_bit_exact(models, layout, dtype, variant, tmp_path, tiny_tokenizer_dir):
     source = write_source(models[variant], str(tmp_path / "hf"), layout, dtype, tiny_tokenizer_dir)
-    model_dir = orbax_model.hf_to_model_dir(source, str(tmp_path / "orbax"))
-    exported = orbax_model.model_dir_to_hf(model_dir, str(tmp_path / "export"))
+    model_dir = conversions.hf_to_model_dir(source, str(tmp_path / "orbax"))
+    exported = conversions.model_dir_to_hf(model_dir, str(tmp_path / "export"))
 
     # the model directory: metadata, the source's tree (load_hf_params is checked against torch elsewhere)
     meta = json.load(open(os.path.join(model_dir, orbax_model.MODEL_META)))
@@ -123,9 +123,9 @@ def test_round_trip_hf_orbax_hf_is_bit_exact(models, layout, dtype, variant, tmp
 def test_dtype_option_casts_like_torch(models, tmp_path, tiny_tokenizer_dir):
     model = models["gqa2_tied"]
     source = write_source(model, str(tmp_path / "hf"), "4.x", "float32", tiny_tokenizer_dir)
-    model_dir = orbax_model.hf_to_model_dir(source, str(tmp_path / "orbax"), dtype="bfloat16")
+    model_dir = conversions.hf_to_model_dir(source, str(tmp_path / "orbax"), dtype="bfloat16")
     assert json.load(open(os.path.join(model_dir, orbax_model.MODEL_META)))["dtype"] == "bfloat16"
-    exported = orbax_model.model_dir_to_hf(model_dir, str(tmp_path / "export_f32"), dtype="float32")
+    exported = conversions.model_dir_to_hf(model_dir, str(tmp_path / "export_f32"), dtype="float32")
     got = hf_tensors(exported)
     for name, tensor in model.state_dict().items():
         name = to_4x_name(name)
@@ -138,8 +138,8 @@ def test_dtype_option_casts_like_torch(models, tmp_path, tiny_tokenizer_dir):
 
 def test_export_shards_with_an_index(models, tmp_path, tiny_tokenizer_dir):
     source = write_source(models["gqa4_untied"], str(tmp_path / "hf"), "4.x", "float32", tiny_tokenizer_dir)
-    model_dir = orbax_model.hf_to_model_dir(source, str(tmp_path / "orbax"))
-    exported = orbax_model.model_dir_to_hf(model_dir, str(tmp_path / "export"), max_shard_bytes=60_000,
+    model_dir = conversions.hf_to_model_dir(source, str(tmp_path / "orbax"))
+    exported = conversions.model_dir_to_hf(model_dir, str(tmp_path / "export"), max_shard_bytes=60_000,
                                            group_bytes=20_000)  # several restore groups too
     shards = sorted(f for f in os.listdir(exported) if f.endswith(".safetensors"))
     assert len(shards) > 2 and st.SINGLE_FILE not in shards
@@ -159,8 +159,8 @@ def test_export_loads_in_transformers_and_matches_embedder(models, tmp_path, tin
     model = models["gqa4_untied"]
     source = write_source(model, str(tmp_path / "hf"), "4.x", "float32", tiny_tokenizer_dir)
     workdir = tmp_path / "workdir"  # a finished training workdir holds its model at WORKDIR/model
-    model_dir = orbax_model.hf_to_model_dir(source, str(workdir / "model"))
-    exported = orbax_model.model_dir_to_hf(str(workdir), str(tmp_path / "export"))
+    model_dir = conversions.hf_to_model_dir(source, str(workdir / "model"))
+    exported = conversions.model_dir_to_hf(str(workdir), str(tmp_path / "export"))
     loaded = Qwen2VLForConditionalGeneration.from_pretrained(exported, dtype=torch.float32,
                                                              attn_implementation="eager").eval()
     original, again = model.state_dict(), loaded.state_dict()
@@ -210,35 +210,41 @@ def random_lora(params, targets, rank, seed, dtype=np.float32):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_unmerged_lora_is_merged_on_load_and_export(models, dtype, tmp_path, tiny_tokenizer_dir):
+def test_lora_merged_into_params_is_saved_loaded_and_exported(models, dtype, tmp_path, tiny_tokenizer_dir):
+    """What the trainer writes: LoRA folded into the kernels (merge_lora), recorded in unite_model.json."""
+    from unite_jax.model.lora import merge_lora
+
     source = write_source(models["gqa2_tied"], str(tmp_path / "hf"), "4.x", "float32", tiny_tokenizer_dir)
     cfg = ModelConfig.from_pretrained(source)
     params = hf.load_hf_params(source, cfg, dtype=dtype)
     targets = [("self_attn", "q_proj"), ("self_attn", "v_proj"), ("mlp", "down_proj")]
     lora = random_lora(params, targets, rank=2, seed=0)
-    model_dir = orbax_model.save_model_dir(str(tmp_path / "orbax"), params, cfg, assets_from=source, lora=lora,
-                                           lora_meta={"rank": 2, "alpha": 5})
-    meta = json.load(open(os.path.join(model_dir, orbax_model.MODEL_META)))
-    assert meta["lora"] == {"rank": 2, "alpha": 5, "targets": ["down_proj", "q_proj", "v_proj"], "merged": False}
-    merged, _, _ = orbax_model.load_model_dir(model_dir)
-
     scale = 5 / 2
+    merged = merge_lora(params, lora, scale)
+    model_dir = orbax_model.save_model_dir(str(tmp_path / "orbax"), merged, cfg, assets_from=source,
+                                           lora_meta={"rank": 2, "alpha": 5, "targets": ["down_proj", "q_proj",
+                                                                                         "v_proj"]})
+    meta = json.load(open(os.path.join(model_dir, orbax_model.MODEL_META)))
+    assert meta["lora"] == {"rank": 2, "alpha": 5, "targets": ["down_proj", "q_proj", "v_proj"], "merged": True}
+    loaded, _, _ = orbax_model.load_model_dir(model_dir)
+
     expected = copy.deepcopy(params)
     for module, name in targets:
         kernel = params["model"]["layers"][module][name]["kernel"]
         pair = lora["model"]["layers"][module][name]
         exact = np.stack([kernel[l].astype(np.float64) + scale * pair["lora_a"][l].astype(np.float64)
                           @ pair["lora_b"][l].astype(np.float64) for l in range(kernel.shape[0])])
-        got = merged["model"]["layers"][module][name]["kernel"]
+        got = loaded["model"]["layers"][module][name]["kernel"]
         assert got.dtype == kernel.dtype
         # float32 math then one rounding to the kernel's dtype: within an ulp of the exact value
         ulp = 2.0**-23 if dtype == "float32" else 2.0**-7
         np.testing.assert_allclose(got.astype(np.float64), exact, rtol=ulp, atol=1e-6)
         assert not np.array_equal(got, kernel)
         expected["model"]["layers"][module][name]["kernel"] = got
-    assert_trees_bit_equal(merged, expected)  # every other leaf untouched
-    exported = orbax_model.model_dir_to_hf(model_dir, str(tmp_path / "export"), group_bytes=30_000)
-    assert_trees_bit_equal(hf.load_hf_params(exported, cfg, dtype=dtype), merged)
+    assert_trees_bit_equal(loaded, expected)  # every other leaf untouched
+    assert_trees_bit_equal(loaded, merged)
+    exported = conversions.model_dir_to_hf(model_dir, str(tmp_path / "export"), group_bytes=30_000)
+    assert_trees_bit_equal(hf.load_hf_params(exported, cfg, dtype=dtype), loaded)
     assert "rank 2, alpha 5" in open(os.path.join(exported, "README.md")).read()
 
 
@@ -246,29 +252,28 @@ def test_lora_metadata_errors(models, tmp_path, tiny_tokenizer_dir):
     source = write_source(models["gqa2_tied"], str(tmp_path / "hf"), "4.x", "float32", tiny_tokenizer_dir)
     cfg = ModelConfig.from_pretrained(source)
     params = hf.load_hf_params(source, cfg)
-    lora = random_lora(params, [("self_attn", "q_proj")], rank=2, seed=1)
-    with pytest.raises(orbax_model.ModelDirError, match="needs lora_meta with 'rank' and 'alpha'"):
-        orbax_model.save_model_dir(str(tmp_path / "x"), params, cfg, assets_from=source, lora=lora)
-    with pytest.raises(orbax_model.ModelDirError, match=r"q_proj: lora_a \[2, 64, 2\].*at rank 3"):
-        orbax_model.save_model_dir(str(tmp_path / "x"), params, cfg, assets_from=source, lora=lora,
-                                   lora_meta={"rank": 3, "alpha": 1})
+    with pytest.raises(orbax_model.ModelDirError, match=r"'lora.rank' is 0, expected a positive integer"):
+        orbax_model.save_model_dir(str(tmp_path / "x"), params, cfg, assets_from=source,
+                                   lora_meta={"rank": 0, "alpha": 1})
+    with pytest.raises(orbax_model.ModelDirError, match=r"'lora.merged' is False; only LoRA merged"):
+        orbax_model.save_model_dir(str(tmp_path / "x"), params, cfg, assets_from=source,
+                                   lora_meta={"rank": 2, "alpha": 1, "merged": False})
     assert not os.path.exists(tmp_path / "x")
-    model_dir = orbax_model.save_model_dir(str(tmp_path / "orbax"), params, cfg, assets_from=source, lora=lora,
-                                           lora_meta={"rank": 2, "alpha": 2})
-    meta_path = os.path.join(model_dir, orbax_model.MODEL_META)
-    meta = json.load(open(meta_path))
-    json.dump({**meta, "lora": None}, open(meta_path, "w"))
-    with pytest.raises(orbax_model.ModelDirError, match="has lora/ but .*'lora' is null"):
-        orbax_model.load_model_dir(model_dir)
-    json.dump(meta, open(meta_path, "w"))
-    shutil.rmtree(os.path.join(model_dir, orbax_model.LORA_DIR))
-    with pytest.raises(orbax_model.ModelDirError, match="'lora.merged' is false but .*lora is missing"):
-        orbax_model.load_model_dir(model_dir)
     # LoRA already folded in (what the trainer writes): recorded, nothing merged on load
     merged_dir = orbax_model.save_model_dir(str(tmp_path / "merged"), params, cfg, assets_from=source,
                                             lora_meta={"rank": 8, "alpha": 16, "targets": ["q_proj"]})
-    assert json.load(open(os.path.join(merged_dir, orbax_model.MODEL_META)))["lora"]["merged"] is True
+    meta_path = os.path.join(merged_dir, orbax_model.MODEL_META)
+    meta = json.load(open(meta_path))
+    assert meta["lora"]["merged"] is True
     assert_trees_bit_equal(orbax_model.load_model_dir(merged_dir)[0], params)
+    # a directory claiming unmerged LoRA, or holding a lora/ directory, is refused with a clear message
+    json.dump({**meta, "lora": {**meta["lora"], "merged": False}}, open(meta_path, "w"))
+    with pytest.raises(orbax_model.ModelDirError, match=r"unite_model\.json: field 'lora.merged' is False"):
+        orbax_model.load_model_dir(merged_dir)
+    json.dump(meta, open(meta_path, "w"))
+    os.makedirs(os.path.join(merged_dir, "lora"))
+    with pytest.raises(orbax_model.ModelDirError, match="holds a lora/ directory of unmerged LoRA weights"):
+        orbax_model.load_model_dir(merged_dir)
 
 
 # ------------------------------------------------------------------ sharded arrays, Orbax interoperability
@@ -329,11 +334,11 @@ def test_relative_paths_write_read_and_export(small, tmp_path, monkeypatch):
     refuses relative paths, so the library resolves them."""
     source, _, params = small
     monkeypatch.chdir(tmp_path)
-    model_dir = orbax_model.hf_to_model_dir(os.path.relpath(source, tmp_path), "orbax_rel")
+    model_dir = conversions.hf_to_model_dir(os.path.relpath(source, tmp_path), "orbax_rel")
     assert os.path.isdir(tmp_path / "orbax_rel")
     loaded, _, _ = orbax_model.load_model_dir("orbax_rel")
     assert_trees_bit_equal(loaded, params)
-    assert os.path.isdir(orbax_model.model_dir_to_hf("orbax_rel", "hf_rel"))
+    assert os.path.isdir(conversions.model_dir_to_hf("orbax_rel", "hf_rel"))
     assert model_dir == str(tmp_path / "orbax_rel")
 
 
@@ -347,7 +352,7 @@ def test_orbax_without_the_deep_copy_option_still_saves(small, tmp_path, monkeyp
 
     monkeypatch.setattr(ocp.type_handlers, "NumpyHandler", OldNumpyHandler)
     source, _, params = small
-    model_dir = orbax_model.hf_to_model_dir(source, str(tmp_path / "orbax"))
+    model_dir = conversions.hf_to_model_dir(source, str(tmp_path / "orbax"))
     loaded, _, _ = orbax_model.load_model_dir(model_dir)
     assert_trees_bit_equal(loaded, params)
 
@@ -391,9 +396,9 @@ def test_failed_export_leaves_no_directory(small, tmp_path, monkeypatch):
             return original(self, path)
         return read
 
-    monkeypatch.setattr(orbax_model._LeafReader, "get", fail_on_second_tensor(orbax_model._LeafReader.get))
+    monkeypatch.setattr(orbax_io.LeafReader, "get", fail_on_second_tensor(orbax_io.LeafReader.get))
     with pytest.raises(RuntimeError, match="read error"):
-        orbax_model.model_dir_to_hf(model_dir, str(tmp_path / "export"))
+        conversions.model_dir_to_hf(model_dir, str(tmp_path / "export"))
     assert not (tmp_path / "export").exists() and leftovers(tmp_path) == []
 
 
@@ -406,20 +411,20 @@ def test_non_empty_destination_is_refused_unless_overwrite(small, tmp_path):
     with pytest.raises(FileExistsError, match=r"out is not empty .*notes\.txt.*--overwrite"):
         orbax_model.save_model_dir(str(out), params, cfg, assets_from=source)
     with pytest.raises(FileExistsError, match="not empty"):
-        orbax_model.hf_to_model_dir(source, str(out))
+        conversions.hf_to_model_dir(source, str(out))
     export = tmp_path / "export"
     export.mkdir()
     (export / "x").write_text("")
     with pytest.raises(FileExistsError, match="not empty"):
-        orbax_model.model_dir_to_hf(str(out), str(export))
+        conversions.model_dir_to_hf(str(out), str(export))
     orbax_model.save_model_dir(str(out), params, cfg, assets_from=source, overwrite=True)
     assert not (out / "notes.txt").exists() and orbax_model.is_model_dir(str(out))
-    orbax_model.model_dir_to_hf(str(out), str(export), overwrite=True)
+    conversions.model_dir_to_hf(str(out), str(export), overwrite=True)
     assert not (export / "x").exists() and orbax_model.is_hf_dir(str(export))
     with pytest.raises(orbax_model.ModelDirError, match="would destroy the source"):
-        orbax_model.model_dir_to_hf(str(out), str(out), overwrite=True)
+        conversions.model_dir_to_hf(str(out), str(out), overwrite=True)
     with pytest.raises(orbax_model.ModelDirError, match="would destroy the source"):
-        orbax_model.hf_to_model_dir(source, str(tmp_path), overwrite=True)  # the parent of the source
+        conversions.hf_to_model_dir(source, str(tmp_path), overwrite=True)  # the parent of the source
     assert leftovers(tmp_path) == []
 
 
@@ -437,11 +442,11 @@ def test_wrong_or_incomplete_directories_are_named(small, tmp_path):
         orbax_model.resolve_model_dir(str(tmp_path / "nowhere"))
     with pytest.raises(orbax_model.ModelDirError, match=r"neither format.*config\.json and \*\.safetensors.*"
                                                         r"unite_model\.json and params/"):
-        orbax_model.conversion_direction(str(empty))
-    assert orbax_model.conversion_direction(source) == "hf_to_orbax"
+        conversions.conversion_direction(str(empty))
+    assert conversions.conversion_direction(source) == "hf_to_orbax"
 
     model_dir = orbax_model.save_model_dir(str(tmp_path / "m"), params, cfg, assets_from=source)
-    assert orbax_model.conversion_direction(model_dir) == "orbax_to_hf"
+    assert conversions.conversion_direction(model_dir) == "orbax_to_hf"
     meta_path = os.path.join(model_dir, orbax_model.MODEL_META)
     good = open(meta_path).read()
     open(meta_path, "w").write(good[:40])
@@ -479,7 +484,7 @@ def test_mismatched_or_missing_tokenizer_is_an_error(small, tmp_path):
     json.dump(config, open(mismatched / "config.json", "w"))
     with pytest.raises(ValueError, match=r"tokenizer\.json: <\|image_pad\|>/<\|video_pad\|> ids are 5/6 but "
                                          r"the model config expects 9/6"):
-        orbax_model.hf_to_model_dir(str(mismatched), str(tmp_path / "a"))
+        conversions.hf_to_model_dir(str(mismatched), str(tmp_path / "a"))
     small_vocab = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=300))
     with pytest.raises(orbax_model.ModelDirError, match="tokenizer has 512 tokens but the model's embedding has 300"):
         orbax_model.check_tokenizer(source, small_vocab)
@@ -487,11 +492,11 @@ def test_mismatched_or_missing_tokenizer_is_an_error(small, tmp_path):
 
     bare = orbax_model.save_model_dir(str(tmp_path / "bare"), params, cfg, assets_from=None)
     with pytest.raises(orbax_model.ModelDirError, match=r"bare: no tokenizer\.json; exporting needs"):
-        orbax_model.model_dir_to_hf(bare, str(tmp_path / "export"))
+        conversions.model_dir_to_hf(bare, str(tmp_path / "export"))
     with pytest.raises(FileNotFoundError, match=r"no tokenizer\.json"):
         Embedder.from_pretrained(bare)
     no_tokenizer = tmp_path / "no_tokenizer"
     shutil.copytree(source, no_tokenizer)
     os.remove(no_tokenizer / "tokenizer.json")
     with pytest.raises(FileNotFoundError, match=r"no_tokenizer: no tokenizer\.json"):
-        orbax_model.hf_to_model_dir(str(no_tokenizer), str(tmp_path / "b"))
+        conversions.hf_to_model_dir(str(no_tokenizer), str(tmp_path / "b"))

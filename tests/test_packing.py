@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from unite_jax.data.packing import PackableInput, bucket, choose_shapes, first_fit, pack_batch
-from unite_jax.data.media import vision_rope_positions
+from unite_jax.data.packing import PackableInput, bucket, choose_shapes, first_fit, pack_batch, vision_rope_positions
 
 PAD, IMG = 0, 5
 

@@ -289,9 +289,9 @@ def test_sharded_forward_matches_unsharded():
     param_sh = parallel.param_shardings(params, mesh, fsdp_min_size=0)
     lora_sh = parallel.param_shardings(lora, mesh, fsdp_min_size=0)
     input_sh = jax.tree.map(lambda x: parallel.batch_sharding(mesh, x.ndim, batch_axis=0), inputs)
-    sharded_params = parallel.shard_tree(params, param_sh)
-    sharded_lora = parallel.shard_tree(lora, lora_sh)
-    sharded_inputs = parallel.shard_tree(inputs, input_sh)
+    sharded_params = parallel.place_tree(params, param_sh)
+    sharded_lora = parallel.place_tree(lora, lora_sh)
+    sharded_inputs = parallel.place_tree(inputs, input_sh)
     q_kernel = sharded_params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q_kernel.sharding.spec == P(None, "fsdp", "tensor")
     assert q_kernel.addressable_shards[0].data.shape == (2, 32, 32)
@@ -346,7 +346,7 @@ def test_shard_tree_and_abstract_targets():
                                                                  .reshape(2, 8, 6)}}}},
             "step": np.int32(7)}
     shardings = parallel.param_shardings(tree, mesh, fsdp_min_size=0)
-    placed = parallel.shard_tree(tree, shardings)
+    placed = parallel.place_tree(tree, shardings)
     kernel = placed["model"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding == shardings["model"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.spec == P(None, "fsdp", "tensor")

@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from unite_jax.data import media
-from unite_jax.data.packing import PackableInput, pack_batch
+from unite_jax.data.packing import PackableInput, pack_batch, vision_rope_positions
 from unite_jax.data.pipeline import (
     BatchSpec,
     DataError,
@@ -255,7 +255,7 @@ def test_every_merged_token_lands_in_its_own_pad_slot(mix_batch, media_dir, toke
                                                   patches[4 * k:4 * k + 4])
                     # 2-D rotary indices of those patches: their (row, col) in the frame
                     _, h, w = (int(g) for g in grid)
-                    frame_pos = media.vision_rope_positions([1, h, w])
+                    frame_pos = vision_rope_positions([1, h, w])
                     k_in_frame = (4 * k) % (h * w)
                     np.testing.assert_array_equal(a["patch_positions"][c, 0, 4 * where[0]:4 * where[0] + 4],
                                                   frame_pos[k_in_frame:k_in_frame + 4])

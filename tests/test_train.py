@@ -61,7 +61,7 @@ def test_stage1_learns_and_stage2_starts_from_it(manifest, tmp_path):
 
     # The trained model exports to Hugging Face format, reloads and encodes identically.
     from unite_jax import Embedder
-    from unite_jax.convert.orbax_model import model_dir_to_hf
+    from unite_jax.convert.conversions import model_dir_to_hf
 
     exported = model_dir_to_hf(stage1, str(tmp_path / "hf"))
     items = [{"text": "a red square for one"}, {"image": os.path.join(os.path.dirname(manifest), "media", "001.png")},

@@ -7,30 +7,28 @@
 
 Each item is a dict with `text` (str), `image` (path, PIL image, HxWx3 uint8
 array, or a list of them) and/or `video` (path, list of paths, or a list of
-HxWx3 uint8 frames); an `id` key is allowed and ignored. `encode` returns
-float32 [N, D] rows, L2-normalised, in input order.
+HxWx3 uint8 frames); an `id` key is allowed and ignored (the item schema of
+`unite_jax.data.items`). `encode` returns float32 [N, D] rows, L2-normalised, in
+input order.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import math
 import os
-import sys
-import time
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from unite_jax import parallel
 from unite_jax.data import media
-from unite_jax.data.items import prepare_item
-from unite_jax.data.packing import BATCH_KEYS, PackableInput, choose_shapes, pack_batch
+from unite_jax.data.packing import PackableInput
 from unite_jax.data.tokenize import PromptTokenizer
+from unite_jax.encoding import MeshEncoder
 from unite_jax.model.config import ModelConfig
-from unite_jax.model.embedder import embed
 from unite_jax.model.options import RunOptions, default_attention, default_dtype
+from unite_jax.progress import Progress
 
 
 class Embedder:
@@ -48,17 +46,11 @@ class Embedder:
         self.run = run or RunOptions()
         self.tokenizer = tokenizer
         self.processor = processor
-        self.max_text_tokens = max_text_tokens
-        self.num_workers = num_workers or min(8, os.cpu_count() or 1)
         tokenizer.check_model_ids(cfg.image_token_id, cfg.video_token_id)
-        devices = list(devices or jax.local_devices())
-        self.mesh = Mesh(np.asarray(devices), ("data",))
-        self._data_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.params = _device_put_in_place(params, replicated)
-        # cfg is static: each vision block size the packer picks compiles once
-        self._forward = jax.jit(embed, static_argnames=("cfg", "run"),
-                                in_shardings=(replicated, self._data_sharding), out_shardings=self._data_sharding)
+        self.mesh = Mesh(np.asarray(list(devices or jax.local_devices())), ("data",))
+        self.params = parallel.place_tree(params, NamedSharding(self.mesh, PartitionSpec()), in_place=True)
+        self.encoder = MeshEncoder(cfg, self.run, tokenizer, processor, self.mesh, batch_axes=("data",),
+                                   max_text_tokens=max_text_tokens, num_workers=num_workers)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -97,70 +89,16 @@ class Embedder:
             params = load_hf_params(model_dir, cfg, dtype=dtype)
         return cls(params, cfg, tokenizer, processor, run=run, max_text_tokens=max_text_tokens)
 
-    # ------------------------------------------------------------------ host side
+    # ------------------------------------------------------------------ encoding
     def prepare(self, item: dict, index: int = 0) -> PackableInput:
         """Validates one item, pre-processes its media and tokenises its prompt (host side)."""
-        return prepare_item(item, index, self.tokenizer, self.processor, self.max_text_tokens)
+        return self.encoder.prepare(item, index)
 
-    # ------------------------------------------------------------------ encoding
     def encode(self, items: Sequence[dict], batch_size: int = 16, show_progress: bool = False) -> np.ndarray:
-        """float32 [len(items), hidden] L2-normalised embeddings, in input order."""
+        """float32 [len(items), hidden] L2-normalised embeddings, in input order.
+
+        show_progress: a progress line (items/s, ETA) on stderr, redrawn in place on a terminal.
+        """
         items = list(items)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        num_shards = len(self.mesh.devices.ravel())
-        rows_per_shard = math.ceil(batch_size / num_shards)
-        rows = rows_per_shard * num_shards
-        out = np.zeros((len(items), self.cfg.hidden_size), np.float32)
-        chunk = max(rows * 8, 64)  # inputs pre-processed at a time: bounds host memory on large inputs
-        start_time, done = time.time(), 0
-        with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
-            for chunk_start in range(0, len(items), chunk):
-                indices = range(chunk_start, min(chunk_start + chunk, len(items)))
-                prepared = list(pool.map(lambda i: self.prepare(items[i], i), indices))
-                # similar sizes share a batch, so padding (and new shapes) stay small
-                order = sorted(range(len(prepared)), key=lambda k: (prepared[k].num_patches, prepared[k].num_tokens))
-                pending = []
-                for batch_start in range(0, len(order), rows):
-                    members = order[batch_start:batch_start + rows]
-                    vectors = self._encode_batch([prepared[k] for k in members], num_shards, rows_per_shard)
-                    pending.append(([indices[k] for k in members], vectors))
-                for targets, vectors in pending:
-                    out[targets] = np.asarray(vectors)[:len(targets)]
-                done += len(indices)
-                if show_progress:
-                    _progress(done, len(items), start_time)
-        return out
-
-    def _encode_batch(self, batch_items: list[PackableInput], num_shards: int, rows_per_shard: int) -> jax.Array:
-        seq_len, patch_budget, vision_block = choose_shapes(batch_items, num_shards, rows_per_shard)
-        batch = pack_batch(batch_items, num_shards=num_shards, rows_per_shard=rows_per_shard, seq_len=seq_len,
-                           patch_budget=patch_budget, pad_id=self.tokenizer.pad_id,
-                           patch_dim=self.cfg.vision.patch_dim, merge_size=self.cfg.vision.spatial_merge_size,
-                           position_mode=self.run.positions, vision_block=vision_block)
-        batch = {key: jax.device_put(batch[key], self._data_sharding) for key in BATCH_KEYS}
-        return self._forward(self.params, batch, self.cfg, self.run.replace(vision_block=vision_block))
-
-
-def _device_put_in_place(tree: dict, sharding) -> dict:
-    """Moves a nested dict of host arrays to devices leaf by leaf, replacing each leaf in the dict.
-
-    Each host array is released as soon as its device copy exists (when nothing else holds it), so
-    loading a 7B model in bf16 peaks at one copy of the weights plus one leaf, not two copies.
-    """
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            _device_put_in_place(value, sharding)
-        else:
-            # wait for each copy: an async transfer would keep every host leaf alive until all finish
-            tree[key] = jax.block_until_ready(jax.device_put(value, sharding))
-            del value
-    return tree
-
-
-def _progress(done: int, total: int, start_time: float) -> None:
-    elapsed = time.time() - start_time
-    rate = done / max(elapsed, 1e-9)
-    eta = (total - done) / max(rate, 1e-9)
-    print(f"\rencoded {done}/{total} items  {rate:.1f} items/s  ETA {eta:.0f}s", end="" if done < total else "\n",
-          file=sys.stderr, flush=True)
+        progress = Progress(len(items), "encode") if show_progress else None
+        return self.encoder.encode(self.params, items, batch_size=batch_size, progress=progress)

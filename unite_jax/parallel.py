@@ -36,11 +36,13 @@ paths, e.g. ".../mu/model/layers/self_attn/q_proj/kernel"), so
 `param_shardings(abstract_opt_state, mesh)` shards Adam moments like their
 parameters.
 
-Multi-process
--------------
-`maybe_initialize_distributed` starts `jax.distributed` when asked or when the
-environment shows a multi-process launch; `host_to_global` turns each
-process's local batch into one global `jax.Array`.
+Placement and multi-process
+---------------------------
+`put` / `place_tree` are the one way host values (weights, the same on every
+process) become placed arrays; `host_to_global` turns each process's own slice
+of a batch into one global `jax.Array`; `to_host` and `barrier` are the other
+cross-process helpers. `maybe_initialize_distributed` starts `jax.distributed`
+when asked or when the environment shows a multi-process launch.
 """
 
 from __future__ import annotations
@@ -316,21 +318,57 @@ def param_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, P
     return jax.tree_util.tree_map_with_path(one, abstract_tree)
 
 
-def shard_tree(tree: Any, shardings: Any) -> Any:
-    """Places every leaf of `tree` (numpy or jax arrays) with the matching sharding of `shardings`.
+# ----------------------------------------------------------------------------- placement
 
-    With several processes every process must pass the same host values; each then builds only its
-    own shards (`jax.make_array_from_callback`), so a full copy never has to fit on one device.
+
+def put(value: Any, sharding: jax.sharding.Sharding, *, wait: bool = True) -> jax.Array:
+    """One array (numpy or jax) placed with `sharding`: THE way host values reach the devices.
+
+    With several processes every process passes the same full value and fills only its own devices'
+    shards (`jax.make_array_from_callback`), so a full copy never has to fit on one device; an array that
+    is already global is resharded. wait: block until the copy exists, so the caller may drop its host
+    array right away (an asynchronous transfer keeps every host array alive until all finish).
     """
-    def put(x, sharding):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return jax.device_put(x, sharding)  # already global: a reshard
-        if sharding.is_fully_addressable:
-            return jax.device_put(x, sharding)
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        placed = jax.device_put(value, sharding)  # already global: a reshard
+    else:
+        host = np.asarray(value)
+        placed = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.block_until_ready(placed) if wait else placed
 
-    return jax.tree.map(put, tree, shardings)
+
+def place_tree(tree: Any, shardings: Any, *, in_place: bool = False) -> Any:
+    """`put` for every leaf of a nested dict, leaf by leaf; shardings: one Sharding or a tree mirroring `tree`.
+
+    in_place: replace each leaf of `tree` itself as soon as its device copy exists, so each host array
+    is released as it goes (loading a 7B model in bf16 then peaks at one copy of the weights plus one
+    leaf, not two copies); otherwise a new tree is returned and `tree` is left as it was.
+    """
+    out = tree if in_place else {}
+    for key, value in tree.items():
+        sharding = shardings if isinstance(shardings, jax.sharding.Sharding) else shardings[key]
+        if isinstance(value, dict):
+            out[key] = place_tree(value, sharding, in_place=in_place)
+        else:
+            out[key] = put(value, sharding)
+    return out
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """A global array's full value as numpy on every process (gathered across processes when needed)."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name` (nothing to wait for with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def abstract_with_shardings(abstract_tree: Any, shardings: Any) -> Any:

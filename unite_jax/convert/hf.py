@@ -30,9 +30,11 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from unite_jax import files
 from unite_jax.convert import safetensors_io as st
+from unite_jax.convert.dtypes import dominant_dtype
 from unite_jax.model.config import ModelConfig
-from unite_jax.model.params import Params, param_shapes
+from unite_jax.model.params import Params, flatten_tree, param_shapes
 
 LAYOUTS = ("4.x", "5.x")
 # Top-level tree key -> HF name prefix, per layout.
@@ -45,6 +47,7 @@ _LEAF_NAMES = {"kernel": "weight", "embedding": "weight"}  # our leaf name -> to
 # Buffers some checkpoints carry that are recomputed from the config, never parameters.
 _HARMLESS_SUFFIXES = (".inv_freq",)
 _MAX_LISTED = 20  # names listed in an error before "... and N more"
+HF_CONFIG = "config.json"
 
 
 class CheckpointError(ValueError):
@@ -184,7 +187,7 @@ def _check_checkpoint(checkpoint: st.Checkpoint, table: list[TensorMapping], cfg
     if missing:
         raise CheckpointError(
             f"{where}: {len(missing)} tensor(s) of the config's model are missing from the checkpoint "
-            f"({layout} layout): {_listing(missing)}")
+            f"({layout} layout): {listing(missing)}")
     problems = []
     for name, m in expected.items():
         info = checkpoint.info(name)
@@ -200,7 +203,7 @@ def _check_checkpoint(checkpoint: st.Checkpoint, table: list[TensorMapping], cfg
         files = sorted({os.path.basename(checkpoint.info(n).path) for n in extra})
         raise CheckpointError(
             f"{where}: {len(extra)} unexpected tensor(s) (in {files}) that a Qwen2-VL model of this config "
-            f"does not have: {_listing(extra)}")
+            f"does not have: {listing(extra)}")
 
 
 def _ignorable(name: str, checkpoint: st.Checkpoint, cfg: ModelConfig) -> bool:
@@ -254,21 +257,20 @@ def save_hf_params(params: Params, cfg: ModelConfig, out_dir: str,
     directory with a config.json has complete weights.
     """
     specs = hf_tensor_specs(params, cfg)
-    files = st.save_sharded(specs, out_dir, max_shard_bytes)
+    written = st.save_sharded(specs, out_dir, max_shard_bytes)
+    write_config(out_dir, cfg, dominant_dtype((s.dtype, s.nbytes) for s in specs).name)
+    return written + [HF_CONFIG]
+
+
+def write_config(out_dir: str, cfg: ModelConfig, dtype_name: str) -> str:
+    """OUT_DIR/config.json from `cfg.to_hf_dict()` with the weights' dtype under both transformers' names
+    (atomically; write it last, so a directory with a config.json has complete weights). Returns its path."""
     config = cfg.to_hf_dict()
-    dtype_name = _dominant_dtype(specs).name
     config["dtype"] = dtype_name  # transformers 5.x
     config["torch_dtype"] = dtype_name  # transformers 4.x
-    st.write_json(os.path.join(out_dir, "config.json"), config)
-    return files + ["config.json"]
-
-
-def _dominant_dtype(specs: list[st.PendingTensor]) -> np.dtype:
-    """The dtype holding most bytes (all of them, unless the tree mixes dtypes)."""
-    totals: dict[np.dtype, int] = {}
-    for s in specs:
-        totals[s.dtype] = totals.get(s.dtype, 0) + s.nbytes
-    return max(totals, key=totals.get)
+    path = os.path.join(out_dir, HF_CONFIG)
+    files.write_json(path, config, sort_keys=True)
+    return path
 
 
 def _check_tree(params: Params, cfg: ModelConfig) -> dict[tuple[str, ...], Any]:
@@ -276,8 +278,8 @@ def _check_tree(params: Params, cfg: ModelConfig) -> dict[tuple[str, ...], Any]:
     leaves = flatten_tree(params)
     missing, extra, wrong = tree_mismatches(cfg, {p: tuple(np.shape(x)) for p, x in leaves.items()})
     if missing or extra:
-        raise CheckpointError(f"parameter tree does not match the config: missing {_listing(missing)}, "
-                              f"unexpected {_listing(extra)}")
+        raise CheckpointError(f"parameter tree does not match the config: missing {listing(missing)}, "
+                              f"unexpected {listing(extra)}")
     if wrong:
         raise CheckpointError("parameter tree does not match the config:\n  " + "\n  ".join(wrong))
     return leaves
@@ -296,19 +298,8 @@ def tree_mismatches(cfg: ModelConfig, shapes: Mapping[tuple[str, ...], tuple[int
 
 
 # ---------------------------------------------------------------- helpers
-def flatten_tree(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    """{("visual", "blocks", ...): leaf} for a nested dict; anything not a Mapping is a leaf."""
-    flat: dict[tuple[str, ...], Any] = {}
-    for key, value in tree.items():
-        path = prefix + (str(key),)
-        if isinstance(value, Mapping):
-            flat.update(flatten_tree(value, path))
-        else:
-            flat[path] = value
-    return flat
-
-
-def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:_MAX_LISTED])
-    more = f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
+def listing(names: list[str], limit: int = _MAX_LISTED) -> str:
+    """`[a, b, c ... and N more]`: at most `limit` names of a list, for error messages."""
+    shown = ", ".join(names[:limit])
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
     return f"[{shown}{more}]"

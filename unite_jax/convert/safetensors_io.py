@@ -9,8 +9,8 @@ Reading is lazy: headers are parsed up front, each tensor is mapped from disk
 only when asked for (`np.memmap`), so a multi-GB checkpoint is never held in
 memory twice. Writing streams: the header is computed from shapes and dtypes
 alone, then each tensor is materialised, written and dropped in turn. Every
-file is written under a temporary name and moved into place, so an interrupted
-write never leaves a half-written checkpoint behind.
+file is written atomically (`unite_jax.files`), so an interrupted write never
+leaves a half-written checkpoint behind.
 
 Sharded checkpoints follow transformers' naming:
 `model-00001-of-00003.safetensors` plus `model.safetensors.index.json` with
@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from unite_jax import files
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -296,37 +298,12 @@ def save_file(tensors: Mapping[str, Any] | Iterable[PendingTensor], path: str,
     """
     items = _as_pending(tensors)
     header = _header_bytes(items, {"format": "pt"} if metadata is None else metadata)
-
-    def write(f):
+    with files.atomic_file(path) as f:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
         for t in items:
             f.write(memoryview(_tensor_bytes(t)))
-
-    _atomic_write(path, write)
     return sum(t.nbytes for t in items)
-
-
-def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """Calls write(file) on a temporary file next to `path`, then renames it over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Writes a JSON file atomically (indented, trailing newline)."""
-    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    _atomic_write(path, lambda f: f.write(data))
 
 
 def plan_shards(tensors: list[PendingTensor], max_shard_bytes: int) -> list[list[PendingTensor]]:
@@ -375,7 +352,7 @@ def save_sharded(tensors: Mapping[str, Any] | Iterable[PendingTensor], directory
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in items)},
                  "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard}}
-        write_json(os.path.join(directory, INDEX_FILE), index)
+        files.write_json(os.path.join(directory, INDEX_FILE), index, sort_keys=True)
         names.append(INDEX_FILE)
     for stale in os.listdir(directory):
         if _OUR_FILE_NAMES.fullmatch(stale) and stale not in names:

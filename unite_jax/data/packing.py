@@ -17,10 +17,10 @@ The embedder (`unite_jax.model.embedder.embed`) reads the BATCH_KEYS; `valid` st
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
-from unite_jax.data.media import vision_rope_positions
 from unite_jax.data.pixel_patches import PixelPatches, write_patches
 
 
@@ -101,6 +101,29 @@ def mrope_positions(item: PackableInput, merge_size: int) -> np.ndarray:
         cursor = start + length
     positions[:, cursor:] = next_pos + np.arange(n - cursor)
     return positions.astype(np.int32)
+
+
+def vision_rope_positions(grid_thw: np.ndarray | Sequence[int], merge_size: int = 2) -> np.ndarray:
+    """(row, col) of every patch, int32 [N, 2], in the patches' merge-window order.
+
+    grid_thw: [3] or [num_media, 3]; N = sum(t * h * w). Positions restart for each
+    temporal slice (the vision rotary embedding is 2-D) and for each medium.
+    """
+    grids = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
+    parts = []
+    for grid_t, grid_h, grid_w in grids.tolist():
+        if grid_h % merge_size or grid_w % merge_size:
+            raise ValueError(
+                f"vision_rope_positions: grid {grid_h}x{grid_w} is not divisible by merge_size {merge_size}"
+            )
+        rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+        window_shape = (grid_h // merge_size, merge_size, grid_w // merge_size, merge_size)
+        rows = rows.reshape(window_shape).transpose(0, 2, 1, 3).reshape(-1)
+        cols = cols.reshape(window_shape).transpose(0, 2, 1, 3).reshape(-1)
+        parts.append(np.tile(np.stack([rows, cols], axis=-1), (grid_t, 1)))
+    if not parts:
+        return np.zeros((0, 2), dtype=np.int32)
+    return np.concatenate(parts).astype(np.int32)
 
 
 def _slices_per_shard(items: list[PackableInput], num_shards: int, rows_per_shard: int) -> list[list[tuple]]:

@@ -1,8 +1,9 @@
-"""A tiny byte-level BPE tokenizer with Qwen2-VL's special tokens.
+"""A tiny byte-level BPE tokenizer with Qwen2-VL's special tokens, and the `tiny` preset's assets.
 
 Used by the `tiny` model preset, the demo and the tests, where the real Qwen2
 tokenizer (151k tokens, downloaded from the hub) is not available. Training is
 deterministic: the same corpus and settings always give the same vocabulary.
+`write_assets` adds the tiny preset's small pixel budget, so a CPU trains on images in seconds.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ SPECIAL_TOKENS = (
 # Special tokens come first in the trainer's list, so their ids are their positions.
 SPECIAL_TOKEN_IDS = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
 VOCAB_SIZE = 512
+# The tiny preset's pixel budget: small enough that a CPU trains on and encodes images in milliseconds.
+TINY_MIN_PIXELS = 16 * 28 * 28
+TINY_MAX_PIXELS = 256 * 28 * 28
 
 _CORPUS = """
 system You are a helpful assistant. user assistant
@@ -75,3 +79,13 @@ def build(directory: str) -> str:
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return path
+
+
+def write_assets(directory: str) -> str:
+    """The `tiny` preset's tokenizer and pre-processor files (`build`, and the tiny pixel budget); returns
+    `directory`."""
+    from unite_jax.data import media
+
+    build(directory)
+    media.ProcessorConfig(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS).save_pretrained(directory)
+    return directory

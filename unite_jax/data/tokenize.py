@@ -19,6 +19,9 @@ from unite_jax.data.prompts import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, build_p
 
 REQUIRED_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                    "<|image_pad|>", "<|video_pad|>")
+# The tokenizer files a model directory carries (transformers' names); tokenizer.json is the one read here.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "chat_template.json", "chat_template.jinja")
 
 
 @dataclasses.dataclass
@@ -65,6 +68,13 @@ class PromptTokenizer:
             raise ValueError(
                 f"{self.source}: <|image_pad|>/<|video_pad|> ids are {self.image_pad_id}/{self.video_pad_id} but "
                 f"the model config expects {image_token_id}/{video_token_id}: tokenizer and model do not match")
+
+    def check_vocab_size(self, vocab_size: int) -> None:
+        """Raises when a token id would be past the model's embedding rows (a tokenizer of another model)."""
+        size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        if size > vocab_size:
+            raise ValueError(f"{self.source}: the tokenizer has {size} tokens but the model's embedding has "
+                             f"{vocab_size} rows (config vocab_size): tokenizer and model do not match")
 
     def _encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)

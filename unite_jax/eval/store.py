@@ -1,8 +1,8 @@
 """Embeddings on disk: a cache keyed by model and inputs, and resumable sharded encoding to one .npy.
 
-Every file is written to a temporary name and moved into place with `os.replace`, so a crash
-leaves either the old file or the new one, never half of one; files that are unreadable anyway
-(a full disk, a copy cut short) are detected on load, ignored and rewritten.
+Every file is written atomically (`unite_jax.files`), so a crash leaves either the old file or the
+new one, never half of one; files that are unreadable anyway (a full disk, a copy cut short) are
+detected on load, ignored and rewritten.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from unite_jax.eval.progress import Progress, log
+from unite_jax import files
+from unite_jax.progress import Progress, log
 
 EncodeFn = Callable[[list], np.ndarray]
 # Model-directory files up to this size are hashed by content (configs, tokenizer); larger
@@ -36,9 +37,9 @@ def model_fingerprint(model_dir: str, **options) -> str:
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
     digest = hashlib.sha256()
-    for root, dirs, files in os.walk(model_dir):
+    for root, dirs, names in os.walk(model_dir):
         dirs.sort()
-        for name in sorted(files):
+        for name in sorted(names):
             path = os.path.join(root, name)
             stat = os.stat(path)
             digest.update(f"{os.path.relpath(path, model_dir)}\0{stat.st_size}\0".encode())
@@ -50,21 +51,7 @@ def model_fingerprint(model_dir: str, **options) -> str:
     return run_key(model=digest.hexdigest(), **options)
 
 
-# ----------------------------------------------------------------------------- atomic files
-def save_npy_atomic(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
+# ----------------------------------------------------------------------------- vector files
 def load_vectors(path: str, num_rows: int, dim: int | None = None) -> np.ndarray | None:
     """float32 [num_rows, dim] from a .npy file, or None when it is missing, unreadable or wrong."""
     try:
@@ -100,7 +87,7 @@ class EmbeddingCache:
         return vectors
 
     def save(self, key: str, vectors: np.ndarray) -> None:
-        save_npy_atomic(self.path(key), np.ascontiguousarray(vectors, np.float32))
+        files.save_npy(self.path(key), np.ascontiguousarray(vectors, np.float32))
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -195,7 +182,7 @@ def encode_to_file(encode_fn: EncodeFn, items: Sequence[dict], ids: Sequence[str
         _save_part(parts_dir, manifest, part, vectors)
         encoded_now += 1
     _assemble(parts_dir, bounds, len(items), dim, output_path)
-    write_text_atomic(ids_path, "".join(f"{i}\n" for i in ids))
+    files.write_text(ids_path, "".join(f"{i}\n" for i in ids))
     _remove_parts(parts_dir)
     return True
 
@@ -220,26 +207,25 @@ def _save_part(parts_dir: str, manifest: dict, path: str, vectors: np.ndarray) -
     manifest_path = os.path.join(parts_dir, "manifest.json")
     if not os.path.exists(manifest_path):
         os.makedirs(parts_dir, exist_ok=True)
-        write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
-    save_npy_atomic(path, vectors)
+        files.write_text(manifest_path, json.dumps(manifest, indent=1))
+    files.save_npy(path, vectors)
 
 
 def _assemble(parts_dir: str, bounds: list[tuple[int, int]], num_items: int, dim: int, output_path: str) -> None:
-    """Copies the shards into one .npy written in place through a memory map, then renames it."""
-    tmp = f"{output_path}.tmp{os.getpid()}"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_items, dim))
-    for number, (start, stop) in enumerate(bounds):
-        out[start:stop] = np.load(os.path.join(parts_dir, f"part-{number:06d}.npy"))
-    out.flush()
-    del out
-    os.replace(tmp, output_path)
+    """Copies the shards into one .npy written through a memory map, then renames it into place."""
+    with files.atomic_path(output_path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_items, dim))
+        for number, (start, stop) in enumerate(bounds):
+            out[start:stop] = np.load(os.path.join(parts_dir, f"part-{number:06d}.npy"))
+        out.flush()
+        del out
 
 
 def _remove_parts(parts_dir: str) -> None:
     """Deletes the files this module writes in a parts directory (never anything else), then the
     directory itself if it is empty."""
     for name in os.listdir(parts_dir):
-        if name == "manifest.json" or (name.startswith("part-") and ".npy" in name):
+        if name == "manifest.json" or (name.startswith("part-") and ".npy" in name) or files.is_temporary(name):
             os.remove(os.path.join(parts_dir, name))
     if not os.listdir(parts_dir):
         os.rmdir(parts_dir)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unite_jax.model.config import ModelConfig
-from unite_jax.model.params import param_shapes
+from unite_jax.model.params import is_shape, param_shapes
 
 # The seven linear layers of every decoder layer, by their parameter-tree names.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -84,7 +84,7 @@ def abstract_lora(cfg: ModelConfig, rank: int, targets: Sequence[str] = LORA_TAR
     """`lora_shapes` with `jax.ShapeDtypeStruct` leaves (for abstract init and sharding rules)."""
     dtype = jnp.dtype(dtype)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), lora_shapes(cfg, rank, targets),
-                        is_leaf=_is_shape)
+                        is_leaf=is_shape)
 
 
 def init_lora(cfg: ModelConfig, rank: int, *, seed_or_key, targets: Sequence[str] = LORA_TARGETS,
@@ -114,7 +114,7 @@ def _init_lora(key, cfg: ModelConfig, rank: int, targets: tuple[str, ...], dtype
         target_key = jax.random.fold_in(key, LORA_TARGETS.index(name))
         return jax.random.uniform(target_key, shape, jnp.float32, -bound, bound).astype(dtype)
 
-    return jax.tree_util.tree_map_with_path(make, lora_shapes(cfg, rank, targets), is_leaf=_is_shape)
+    return jax.tree_util.tree_map_with_path(make, lora_shapes(cfg, rank, targets), is_leaf=is_shape)
 
 
 def _lora_pairs(lora: dict, path: tuple[str, ...] = ()):
@@ -209,6 +209,3 @@ def _merged_kernel(kernel, a, b, scale: float):
     delta = jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return (jnp.asarray(kernel, jnp.float32) + scale * delta).astype(kernel.dtype)
 
-
-def _is_shape(x: Any) -> bool:
-    return isinstance(x, tuple) and all(isinstance(d, int) for d in x)

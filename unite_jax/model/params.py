@@ -36,6 +36,7 @@ Tree (L = vision depth, K = LLM layers):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -104,7 +105,7 @@ def param_shapes(cfg: ModelConfig) -> Params:
 def abstract_params(cfg: ModelConfig, dtype: Any = "float32") -> Params:
     """`jax.ShapeDtypeStruct` leaves for the tree (no memory)."""
     dtype = jnp.dtype(dtype)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(cfg), is_leaf=_is_shape)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(cfg), is_leaf=is_shape)
 
 
 def init_params(cfg: ModelConfig, seed: int = 0, dtype: Any = "float32", std: float = 0.02) -> Params:
@@ -121,8 +122,32 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype: Any = "float32", std: fl
             return np.ones(shape, dtype)
         return (rng.standard_normal(shape, dtype=np.float32) * std).astype(dtype)
 
-    return jax.tree_util.tree_map_with_path(make, param_shapes(cfg), is_leaf=_is_shape)
+    return jax.tree_util.tree_map_with_path(make, param_shapes(cfg), is_leaf=is_shape)
 
 
-def _is_shape(x: Any) -> bool:
+def is_shape(x: Any) -> bool:
+    """A shape tuple: the leaves of `param_shapes` trees."""
     return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+
+
+def flatten_tree(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """{("visual", "blocks", ...): leaf} for a nested dict; anything not a Mapping is a leaf."""
+    flat: dict[tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+        path = prefix + (str(key),)
+        if isinstance(value, Mapping):
+            flat.update(flatten_tree(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def unflatten_tree(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    """The nested dict of a `flatten_tree` result."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree

@@ -12,12 +12,13 @@ which writes the JSON item), so a pod restarts each host exactly where it was.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from unite_jax import files
 
 
 def gather_process_states(local_state: Any) -> dict[str, Any]:
@@ -43,9 +44,7 @@ class RunCheckpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                create=True)
         # Orbax's array writer refuses relative paths; a URL (gs://...) is kept as given.
-        if "://" not in directory:
-            directory = os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(directory, options=options)
+        self.manager = ocp.CheckpointManager(files.absolute(directory), options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -13,30 +13,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from unite_jax import parallel
 from unite_jax.convert import orbax_model
 from unite_jax.data import media
 from unite_jax.data.pipeline import BatchSpec, build_train_iterator, make_processor, prefetch_to_device
 from unite_jax.data.tokenize import PromptTokenizer
+from unite_jax.encoding import MeshEncoder
 from unite_jax.model import lora as lora_lib
 from unite_jax.model.config import ModelConfig
 from unite_jax.model.options import LoraOptions, RunOptions, default_attention
 from unite_jax.model.params import abstract_params
 from unite_jax.train import model_init
 from unite_jax.train.checkpoint import RunCheckpointer
-from unite_jax.train.encode import make_encoder
-from unite_jax.train.metrics_log import MetricsLog, Throughput, console, progress_line
+from unite_jax.progress import Progress, console
+from unite_jax.train.metrics_log import MetricsLog, Throughput, console_fields
 from unite_jax.train.optim import make_optimizer
 from unite_jax.train.state import create_state
 from unite_jax.train.step import LossSettings, full_params, train_step
@@ -127,7 +129,7 @@ def split_trainable(base: dict, config, cfg: ModelConfig, lora_shardings) -> tup
     if config.lora.rank > 0:
         lora = lora_lib.init_lora(cfg, config.lora.rank, seed_or_key=config.seed + 1, targets=lora_targets(config),
                                   dtype=config.train.master_dtype)
-        return base, model_init.place_host_tree(jax.tree.map(np.asarray, lora), lora_shardings)
+        return base, parallel.place_tree(lora, lora_shardings, in_place=True)
     frozen = {k: v for k, v in base.items() if k in UNUSED_BY_EMBEDDING}
     master = jnp.dtype(config.train.master_dtype)
     trainable = {k: jax.tree.map(lambda x: x.astype(master), v) for k, v in base.items()
@@ -227,8 +229,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tasks = eval_tasks(config.eval.files)
     encoder = None
     if tasks:
-        encoder = make_encoder(lambda: full_params(frozen, state.trainable, run), cfg, run, tokenizer, processor,
-                               mesh, batch_size=config.eval.batch_size, max_text_tokens=config.data.max_text_tokens)
+        # the weights being trained, on the training mesh; evaluation takes no gradient: no dropout, no remat
+        eval_run = run.replace(remat="none", lora=None if run.lora is None else dataclasses.replace(run.lora,
+                                                                                                   dropout=0.0))
+        mesh_encoder = MeshEncoder(cfg, eval_run, tokenizer, processor, mesh, batch_axes=parallel.BATCH_AXES,
+                                   max_text_tokens=config.data.max_text_tokens)
+
+        def encoder(items):
+            return mesh_encoder.encode(full_params(frozen, state.trainable, run), items,
+                                       batch_size=config.eval.batch_size)
 
     def run_eval(step: int) -> dict[str, float]:
         results = evaluate_tasks(encoder, tasks, config)
@@ -244,7 +253,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     put = functools.partial(parallel.host_to_global, mesh=mesh, batch_axis=1)
     batches = prefetch_to_device(iterator, put, size=config.train.prefetch_batches)
-    throughput = Throughput(start_step)
+    throughput = Throughput()
+    progress = Progress(total_steps, stage, unit="steps", done=start_step, enabled=is_main, stream=sys.stdout,
+                        every_s=0.0, redraw=False)  # a line per logged step, in a terminal too
+    report = functools.partial(_report, config=config, total_steps=total_steps, throughput=throughput,
+                               progress=progress, metrics_log=metrics_log, stage=stage, iterator=iterator)
     pending = None  # (step, device metrics, host info) of the previous step: read one step late
     last_metrics: dict[str, float] = {}
     bad_total = 0
@@ -254,7 +267,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             state, metrics = step_fn(state, frozen, device_batch)
             bad_total += len(host_batch.bad_records)
             if pending is not None:
-                last_metrics = _report(pending, config, total_steps, throughput, metrics_log, stage, iterator)
+                last_metrics = report(pending)
             # examples/tokens of the whole global batch, counted when the step is reported
             pending = (step + 1, metrics, host_batch.num_examples * jax.process_count(),
                        host_batch.num_tokens * jax.process_count())
@@ -264,7 +277,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if tasks and config.eval.every_steps and done % config.eval.every_steps == 0 and done < total_steps:
                 run_eval(done)
         if pending is not None:
-            last_metrics = _report(pending, config, total_steps, throughput, metrics_log, stage, iterator)
+            last_metrics = report(pending)
         if checkpointer.latest_step() != total_steps:  # a rerun after the final save has nothing to add
             checkpointer.save(total_steps, state, data_state, meta, force=True)
         checkpointer.wait()
@@ -288,7 +301,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "eval_end": final_eval, "bad_records": bad_total, "data_stats": _stats(iterator)}
 
 
-def _report(pending, config, total_steps, throughput, metrics_log, stage, iterator) -> dict[str, float]:
+def _report(pending, *, config, total_steps: int, throughput: Throughput, progress: Progress,
+            metrics_log: MetricsLog, stage: str, iterator) -> dict[str, float]:
     """Reads the previous step's metrics (one step late), checks them, logs them."""
     step, device_metrics, examples, tokens = pending
     values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
@@ -303,13 +317,10 @@ def _report(pending, config, total_steps, throughput, metrics_log, stage, iterat
         values["skipped_nonfinite"] = 1.0
     log_every = max(1, config.train.log_every)
     if step % log_every == 0 or step == total_steps:
-        rates = throughput.read(step, total_steps)
-        eta = rates.pop("eta_seconds")
-        record = {**values, **rates, **_stats(iterator)}
+        record = {**values, **throughput.read(), **_stats(iterator)}
         metrics_log.write(step, record)
         metrics_log.flush()
-        if jax.process_index() == 0:
-            console(progress_line(stage, step, total_steps, record, eta))
+        progress.update(step - progress.done, **console_fields(record))
     return values
 
 

@@ -1,4 +1,4 @@
-"""Where training numbers go: a console progress line, WORKDIR/metrics.jsonl, TensorBoard events.
+"""Where training numbers go: WORKDIR/metrics.jsonl, TensorBoard events, and the console line's fields.
 
 Only process 0 writes. The workdir may be a local path or a bucket (gs://...):
 files go through `etils.epath`; a bucket has no append, so metrics.jsonl is
@@ -11,44 +11,23 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from typing import Any
 
 from etils import epath
 
+from unite_jax import files
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
-def is_remote(path: str) -> bool:
-    return "://" in str(path)
-
-
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
-def progress_line(stage: str, step: int, total: int, record: dict[str, Any], eta_seconds: float) -> str:
-    """`stage1 step 120/1000 loss 2.3141 lr 9.8e-05 ex/s 512.0 tok/s 40960 ETA 12:01`."""
-    parts = [f"{stage} step {step}/{total}"]
-    if "loss" in record:
-        parts.append(f"loss {record['loss']:.4f}")
-    if "accuracy" in record:
-        parts.append(f"acc {record['accuracy']:.3f}")
-    if "learning_rate" in record:
-        parts.append(f"lr {record['learning_rate']:.3g}")
-    if "examples_per_second" in record:
-        parts.append(f"ex/s {record['examples_per_second']:.1f}")
-    if "tokens_per_second" in record:
-        parts.append(f"tok/s {record['tokens_per_second']:.0f}")
-    parts.append(f"ETA {format_duration(eta_seconds)}")
-    return " ".join(parts)
+def console_fields(record: dict[str, Any]) -> dict[str, str]:
+    """The numbers of a logged step shown on the console progress line: loss, acc, lr, ex/s, tok/s."""
+    shown = (("loss", "loss", ".4f"), ("accuracy", "acc", ".3f"), ("learning_rate", "lr", ".3g"),
+             ("examples_per_second", "ex/s", ".1f"), ("tokens_per_second", "tok/s", ".0f"))
+    return {label: format(record[key], spec) for key, label, spec in shown if key in record}
 
 
 class MetricsLog:
@@ -57,7 +36,7 @@ class MetricsLog:
     def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
         self.path = epath.Path(workdir) / METRICS_FILE
-        self.remote = is_remote(workdir)
+        self.remote = files.is_remote(workdir)
         self._lines: list[str] = []
         self._writer = None
         self._tb_local = None
@@ -84,9 +63,10 @@ class MetricsLog:
             except (ValueError, KeyError, TypeError):
                 continue  # a torn last line from a killed run
         self._lines = kept
-        tmp = self.path.parent / (self.path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(self.path)
+        if self.remote:
+            self.path.write_text("".join(kept))  # an object store replaces a whole object at once
+        else:
+            files.write_text(str(self.path), "".join(kept))
 
     def write(self, step: int, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -134,17 +114,11 @@ def _plain(value: Any) -> Any:
         return str(value)
 
 
-def console(message: str) -> None:
-    print(message, file=sys.stdout, flush=True)
-
-
 class Throughput:
-    """Examples/s and tokens/s between two log points, and the ETA from the average step time."""
+    """Examples/s and tokens/s between two log points."""
 
-    def __init__(self, start_step: int):
-        self.start_step = start_step
-        self.start_time = time.time()
-        self.mark_time = self.start_time
+    def __init__(self):
+        self.mark_time = time.time()
         self.examples = 0
         self.tokens = 0
 
@@ -152,12 +126,9 @@ class Throughput:
         self.examples += examples
         self.tokens += tokens
 
-    def read(self, step: int, total_steps: int) -> dict[str, float]:
+    def read(self) -> dict[str, float]:
         now = time.time()
         elapsed = max(now - self.mark_time, 1e-9)
         rates = {"examples_per_second": self.examples / elapsed, "tokens_per_second": self.tokens / elapsed}
-        done = step - self.start_step
-        per_step = (now - self.start_time) / max(done, 1)
         self.mark_time, self.examples, self.tokens = now, 0, 0
-        rates["eta_seconds"] = per_step * (total_steps - step)
         return rates

@@ -14,18 +14,13 @@ from __future__ import annotations
 import os
 import shutil
 
-import jax
-import numpy as np
-
+from unite_jax import files, parallel
 from unite_jax.convert import orbax_model
 from unite_jax.data import media, tiny_tokenizer
+from unite_jax.data.tokenize import TOKENIZER_FILES
 from unite_jax.model.config import ModelConfig, preset
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "added_tokens.json", "chat_template.json", "chat_template.jinja")
-# The tiny preset's pixel budget: small enough that a CPU trains on images in seconds.
-TINY_MIN_PIXELS = 16 * 28 * 28
-TINY_MAX_PIXELS = 256 * 28 * 28
+ASSETS_DIR = "assets"  # a random init's tokenizer and pre-processor files, in the workdir
 
 
 def init_kind(init: str) -> str:
@@ -35,7 +30,7 @@ def init_kind(init: str) -> str:
     if not init:
         raise ValueError("model.init is empty: set --config.model.init to a Hugging Face directory (e.g. "
                          "Qwen2-VL-2B-Instruct), an Orbax model directory, a finished training workdir, or 'random'")
-    if not os.path.isdir(init) and "://" not in init:
+    if not os.path.isdir(init) and not files.is_remote(init):
         raise FileNotFoundError(f"model.init={init!r}: no such directory")
     if orbax_model.is_hf_dir(init):
         return "hf"
@@ -59,54 +54,42 @@ def model_config(model_cfg) -> ModelConfig:
 
 
 def prepare_assets(model_cfg, workdir: str, process_index: int) -> str:
-    """A directory with tokenizer.json (+ friends) and preprocessor_config.json for this run."""
+    """A directory with tokenizer.json (+ friends) and preprocessor_config.json for this run.
+
+    A random init writes WORKDIR/assets (atomically, by process 0, on the shared workdir) from
+    model.tokenizer, or the tiny preset's own; the other kinds carry their assets.
+    """
     kind = init_kind(model_cfg.init)
     if kind == "hf":
         return model_cfg.init
     if kind == "model":
         return orbax_model.resolve_model_dir(model_cfg.init)
-    assets = os.path.join(workdir, "assets")
-    if process_index == 0 and not os.path.exists(os.path.join(assets, "tokenizer.json")):
-        tmp = assets + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        if model_cfg.tokenizer:
-            for name in TOKENIZER_FILES:
-                if os.path.exists(os.path.join(model_cfg.tokenizer, name)):
-                    shutil.copy(os.path.join(model_cfg.tokenizer, name), tmp)
-            if not os.path.exists(os.path.join(tmp, "tokenizer.json")):
-                raise FileNotFoundError(f"model.tokenizer={model_cfg.tokenizer!r} has no tokenizer.json")
-            source_processor = os.path.join(model_cfg.tokenizer, media.PREPROCESSOR_CONFIG)
-            if os.path.exists(source_processor):
-                shutil.copy(source_processor, tmp)
-            else:
-                media.ProcessorConfig().save_pretrained(tmp)
-        elif model_cfg.preset == "tiny":
-            tiny_tokenizer.build(tmp)
-            media.ProcessorConfig(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS).save_pretrained(tmp)
-        else:
-            raise ValueError(f"model.init=random with preset {model_cfg.preset!r} needs model.tokenizer: a "
-                             "directory with the model's tokenizer.json (e.g. a Qwen2-VL-Instruct download)")
-        shutil.rmtree(assets, ignore_errors=True)
-        os.replace(tmp, assets)
-    _barrier("assets")
+    assets = os.path.join(workdir, ASSETS_DIR)
+    if not os.path.exists(os.path.join(assets, "tokenizer.json")):
+        primary = process_index == 0
+        with files.atomic_directory(assets, primary=primary, barrier=parallel.barrier) as tmp:
+            if primary:
+                _write_assets(model_cfg, tmp)
     return assets
 
 
-def place_host_tree(tree: dict, shardings: dict) -> dict:
-    """Host numpy leaves -> global jax arrays with the given shardings, leaf by leaf (host copies freed as
-    they go). Every process holds the same host values; each fills only its own devices' shards."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out[key] = place_host_tree(value, shardings[key])
+def _write_assets(model_cfg, directory: str) -> None:
+    if model_cfg.tokenizer:
+        for name in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(model_cfg.tokenizer, name)):
+                shutil.copy(os.path.join(model_cfg.tokenizer, name), directory)
+        if not os.path.exists(os.path.join(directory, "tokenizer.json")):
+            raise FileNotFoundError(f"model.tokenizer={model_cfg.tokenizer!r} has no tokenizer.json")
+        source_processor = os.path.join(model_cfg.tokenizer, media.PREPROCESSOR_CONFIG)
+        if os.path.exists(source_processor):
+            shutil.copy(source_processor, directory)
         else:
-            host = np.asarray(value)
-            out[key] = jax.block_until_ready(
-                jax.make_array_from_callback(host.shape, shardings[key], lambda index, host=host: host[index]))
-            del host
-        tree[key] = None
-    return out
+            media.ProcessorConfig().save_pretrained(directory)
+    elif model_cfg.preset == "tiny":
+        tiny_tokenizer.write_assets(directory)
+    else:
+        raise ValueError(f"model.init=random with preset {model_cfg.preset!r} needs model.tokenizer: a "
+                         "directory with the model's tokenizer.json (e.g. a Qwen2-VL-Instruct download)")
 
 
 def load_base_params(model_cfg, cfg: ModelConfig, dtype: str, shardings: dict, seed: int) -> dict:
@@ -115,18 +98,14 @@ def load_base_params(model_cfg, cfg: ModelConfig, dtype: str, shardings: dict, s
     if kind == "random":
         from unite_jax.model.params import init_params
 
-        return place_host_tree(init_params(cfg, seed=seed, dtype=dtype, std=model_cfg.init_std), shardings)
+        return parallel.place_tree(init_params(cfg, seed=seed, dtype=dtype, std=model_cfg.init_std), shardings,
+                                   in_place=True)
     if kind == "hf":
         from unite_jax.convert.hf import load_hf_params
 
-        return place_host_tree(load_hf_params(model_cfg.init, cfg, dtype=dtype), shardings)
+        return parallel.place_tree(load_hf_params(model_cfg.init, cfg, dtype=dtype), shardings, in_place=True)
     params, _, _ = orbax_model.load_model_dir(orbax_model.resolve_model_dir(model_cfg.init), dtype=dtype,
                                               sharding=shardings)
     return params
 
 
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
