@@ -143,8 +143,10 @@ def plain_step(params, queries, candidates, modality, chunk_size):
 
 
 def gradcache_step(params, queries, candidates, modality, chunk_size, num_chunks, remat):
+    # contiguous sub-batches (a free reshape): chunk-major order is the batch order, as `modality` is
+    stack = lambda tree: jax.tree.map(lambda x: x.reshape((num_chunks, -1) + x.shape[1:]), tree)  # noqa: E731
     loss_fn = lambda q, c: mamcl_loss(q, c, modality, chunk_size=chunk_size)[0]  # noqa: E731
-    value, _, grads = gradcache_value_and_grad(token_mlp_embed, loss_fn, params, queries, candidates,
+    value, _, grads = gradcache_value_and_grad(token_mlp_embed, loss_fn, params, stack(queries), stack(candidates),
                                                num_chunks=num_chunks, has_aux=False, remat=remat)
     return value, grads
 

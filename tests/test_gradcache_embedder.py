@@ -55,7 +55,7 @@ def test_gradcache_equals_full_batch_gradient_on_tiny_embedder(tiny_tokenizer_di
 
     # GradCache: one packed chunk at a time
     loss, _, grads = jax.jit(lambda p: gradcache_value_and_grad(
-        embed_fn, loss_fn, p, query_batch, candidate_batch, num_chunks=2, batch_layout="stacked"))(params)
+        embed_fn, loss_fn, p, query_batch, candidate_batch, num_chunks=2))(params)
 
     # plain: every chunk embedded inside one differentiated function
     def full_loss(p):

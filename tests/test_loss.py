@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from loss_references import mamcl_loss_sharded, strided_embed_in_chunks, strided_gradcache_value_and_grad
 from unite_jax import gradcache, loss as loss_lib
-from unite_jax.loss import mamcl_loss, mamcl_loss_sharded
+from unite_jax.loss import mamcl_loss
 
 CODES = np.array([1, 2, 4, 3, 5])
 
@@ -512,8 +513,8 @@ def test_gradcache_equals_full_batch_gradients():
         return loss_fn(mlp_embed(p, queries), mlp_embed(p, candidates))
 
     (expected, expected_metrics), expected_grads = jax.jit(jax.value_and_grad(full_batch, has_aux=True))(params)
-    run = jax.jit(lambda p: gradcache.gradcache_value_and_grad(mlp_embed, loss_fn, p, queries, candidates,
-                                                               num_chunks=4))
+    run = jax.jit(lambda p: strided_gradcache_value_and_grad(mlp_embed, loss_fn, p, queries, candidates,
+                                                             num_chunks=4))
     value, metrics, grads = run(params)
     np.testing.assert_allclose(float(value), float(expected), rtol=1e-6)
     np.testing.assert_allclose(float(metrics["accuracy"]), float(expected_metrics["accuracy"]))
@@ -547,10 +548,10 @@ def test_gradcache_with_dropout_equals_full_batch(remat):
     expected, expected_grads = jax.jit(jax.value_and_grad(full_batch))(params)
     # The no-gradient chunked embedding of pass (a) uses the same keys.
     np.testing.assert_allclose(
-        np.asarray(gradcache.embed_in_chunks(mlp_embed, params, candidates, num_chunks=num_chunks, rng=key,
-                                             stream=gradcache.CANDIDATE_STREAM)),
+        np.asarray(strided_embed_in_chunks(mlp_embed, params, candidates, num_chunks=num_chunks, rng=key,
+                                           stream=gradcache.CANDIDATE_STREAM)),
         np.asarray(embed_like_gradcache(params, candidates, 1)), rtol=1e-6, atol=1e-6)
-    value, aux, grads = jax.jit(lambda p: gradcache.gradcache_value_and_grad(
+    value, aux, grads = jax.jit(lambda p: strided_gradcache_value_and_grad(
         mlp_embed, lambda q, c: loss_fn(q, c)[0], p, queries, candidates, num_chunks=num_chunks, rng=key,
         has_aux=False, remat=remat))(params)
     assert aux is None
@@ -559,7 +560,7 @@ def test_gradcache_with_dropout_equals_full_batch(remat):
         np.testing.assert_allclose(np.asarray(grads[name]), np.asarray(expected_grads[name]), rtol=1e-5,
                                    atol=1e-5 * float(jnp.abs(expected_grads[name]).max()), err_msg=name)
     # The dropout is real: without the rng the gradient is different.
-    _, _, no_dropout = jax.jit(lambda p: gradcache.gradcache_value_and_grad(
+    _, _, no_dropout = jax.jit(lambda p: strided_gradcache_value_and_grad(
         mlp_embed, lambda q, c: loss_fn(q, c)[0], p, queries, candidates, num_chunks=num_chunks, has_aux=False))(params)
     assert float(jnp.abs(no_dropout["w1"] - grads["w1"]).max()) > 1e-3
 
@@ -576,7 +577,7 @@ def test_gradcache_sharded_batch_and_stacked_layout():
     (expected, _), expected_grads = jax.jit(jax.value_and_grad(
         lambda p: loss_fn(mlp_embed(p, queries), mlp_embed(p, candidates)), has_aux=True))(params)
     sharded_q, sharded_c = jax.device_put((queries, candidates), sharding)
-    value, _, grads = jax.jit(lambda p, q, c: gradcache.gradcache_value_and_grad(
+    value, _, grads = jax.jit(lambda p, q, c: strided_gradcache_value_and_grad(
         mlp_embed, loss_fn, p, q, c, num_chunks=2))(params, sharded_q, sharded_c)
     np.testing.assert_allclose(float(value), float(expected), rtol=1e-6)
     for name in params:
@@ -586,7 +587,7 @@ def test_gradcache_sharded_batch_and_stacked_layout():
     # Stacked: the caller chunks contiguously ([4, 8, ...]); embeddings come back in that (= batch) order.
     stacked = jax.tree.map(lambda x: x.reshape(4, 8, -1), (queries, candidates))
     value, _, grads = jax.jit(lambda p, q, c: gradcache.gradcache_value_and_grad(
-        mlp_embed, loss_fn, p, q, c, num_chunks=4, batch_layout="stacked"))(params, *stacked)
+        mlp_embed, loss_fn, p, q, c, num_chunks=4))(params, *stacked)
     np.testing.assert_allclose(float(value), float(expected), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(grads["w2"]), np.asarray(expected_grads["w2"]), rtol=1e-5,
                                atol=1e-5 * float(jnp.abs(expected_grads["w2"]).max()))
@@ -606,7 +607,7 @@ def test_gradcache_memory_is_one_sub_batch():
         return jax.value_and_grad(lambda p: loss_fn(mlp_embed(p, q), mlp_embed(p, c)), has_aux=True)(p)
 
     def cached(p, q, c):
-        return gradcache.gradcache_value_and_grad(mlp_embed, loss_fn, p, q, c, num_chunks=num_chunks)
+        return strided_gradcache_value_and_grad(mlp_embed, loss_fn, p, q, c, num_chunks=num_chunks)
 
     def temp_bytes(fn):
         return jax.jit(fn).lower(params, shapes, shapes).compile().memory_analysis().temp_size_in_bytes
@@ -622,12 +623,12 @@ def test_gradcache_bad_inputs_raise():
     queries, candidates, modality = gradcache_data(1)
     loss_fn = lambda q, c: mamcl_loss(q, c, modality)  # noqa: E731
     with pytest.raises(ValueError, match="not divisible by num_chunks=3"):
-        gradcache.gradcache_value_and_grad(mlp_embed, loss_fn, params, queries, candidates, num_chunks=3)
+        strided_gradcache_value_and_grad(mlp_embed, loss_fn, params, queries, candidates, num_chunks=3)
     with pytest.raises(ValueError, match="num_chunks must be a positive int"):
         gradcache.gradcache_value_and_grad(mlp_embed, loss_fn, params, queries, candidates, num_chunks=0)
-    with pytest.raises(ValueError, match="batch_layout"):
-        gradcache.gradcache_value_and_grad(mlp_embed, loss_fn, params, queries, candidates, num_chunks=2,
-                                           batch_layout="rows")
+    # the library takes sub-batches stacked on a leading axis: a flat batch of 16 rows is not 2 sub-batches
+    with pytest.raises(ValueError, match="query_batch: the leaves need a leading axis of num_chunks=2"):
+        gradcache.gradcache_value_and_grad(mlp_embed, loss_fn, params, queries, candidates, num_chunks=2)
 
 
 @pytest.mark.parametrize("mask", [True, False])

@@ -1,4 +1,4 @@
-"""Modal-Aware Masked Contrastive Learning (MAMCL): dense, chunked and sharded forms.
+"""Modal-Aware Masked Contrastive Learning (MAMCL): dense and chunked forms, exact over the global batch.
 
 The loss (UNITE.md, "Loss")
 ---------------------------
@@ -44,13 +44,10 @@ Global batch on a mesh
 ----------------------
 `mamcl_loss` is an ordinary jittable function: with `query` / `candidate`
 sharded over the data axes of a mesh, `jax.jit` partitions the [B, B] matrix
-and the result is the single-device loss over the whole batch.
-`mamcl_loss_sharded` is the explicit form: inside `jax.shard_map` each device
-all-gathers the candidates (with modality and validity; the queries too when
-symmetric), computes the rows of its own queries against all columns (its
-positives sit at global columns offset + arange(B_local)), and the loss is a
-psum of per-row sums divided by the psum of valid rows. Both forms give the
-same loss and the same gradients as the single-device computation.
+(XLA gathers the candidates across devices) and the result is the single-device
+loss over the whole batch, with the same gradients. The trainer relies on this;
+the tests check it against an explicit `jax.shard_map` form (each device
+all-gathers the candidates and computes its own rows: tests/loss_references.py).
 
 Gradient scale versus the original PyTorch trainer
 --------------------------------------------------
@@ -97,14 +94,12 @@ the setting it was traced with.
 from __future__ import annotations
 
 import functools
-import math
 import os
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
 
 from unite_jax.modality import IMAGE, KNOWN_BITS as KNOWN_MODALITY_BITS, TEXT, VIDEO
 # Number of distinct codes a valid modality can take (0..7); used to count
@@ -588,53 +583,3 @@ def mamcl_loss(query, candidate, candidate_modality, *, temperature=0.03, modali
     query_columns = _Columns(inputs.query, inputs.modality, inputs.valid)
     sums = _loss_sums(inputs, columns, query_columns, 0, config)
     return _finalise(sums, config)
-
-
-def mamcl_loss_sharded(query, candidate, candidate_modality, *, mesh, axis_names: Sequence[str] = ("data",),
-                       temperature=0.03, modality_mask=True, symmetric=False, hard_negative=None,
-                       hard_negative_modality=None, valid=None, chunk_size=None):
-    """`mamcl_loss` as an explicit `jax.shard_map` over the batch axes `axis_names` of `mesh`.
-
-    The leading (batch) axis of every input is split over `axis_names` (in that
-    order, as PartitionSpec((*axis_names,))); other mesh axes see replicated
-    copies. Each device gathers all candidates, computes its own rows against
-    them (chunked when chunk_size is set: [batch / shards, N] logits at a time),
-    and the loss is psum(row-loss sums) / psum(valid rows). Same arguments and
-    results as `mamcl_loss`; batch must be divisible by the number of shards.
-    """
-    config = _check_config(temperature, modality_mask, symmetric, chunk_size)
-    inputs = _prepare_inputs(query, candidate, candidate_modality, hard_negative, hard_negative_modality, valid)
-    axis_names = tuple(axis_names)
-    unknown = [a for a in axis_names if a not in mesh.shape]
-    if not axis_names or unknown:
-        raise ValueError(f"axis_names {axis_names} must be non-empty axes of the mesh {dict(mesh.shape)}")
-    shards = math.prod(mesh.shape[a] for a in axis_names)
-    batch = inputs.query.shape[0]
-    if batch % shards:
-        raise ValueError(f"batch {batch} is not divisible by the {shards} shards of mesh axes {axis_names}")
-    _maybe_debug_check(inputs)
-    arrays = {k: v for k, v in inputs._asdict().items() if v is not None}
-
-    def body(local_arrays):
-        local = _Inputs(**{k: local_arrays.get(k) for k in _Inputs._fields})
-
-        def gather(x):
-            # The transpose of this gather is a reduce-scatter: cross-device gradient terms come home.
-            return jax.lax.all_gather(x, axis_names, axis=0, tiled=True)
-
-        hard_negative_all = None if local.hard_negative is None else gather(local.hard_negative)
-        hard_negative_modality_all = None if local.hard_negative is None else gather(local.hard_negative_modality)
-        valid_all = gather(local.valid)
-        columns = _candidate_columns(gather(local.candidate), gather(local.modality), valid_all, hard_negative_all,
-                                     hard_negative_modality_all)
-        query_columns = None
-        if config.symmetric:
-            query_columns = _Columns(gather(local.query), jnp.zeros((batch,), jnp.int32), valid_all)
-        row_offset = jax.lax.axis_index(axis_names) * local.query.shape[0]
-        sums = _loss_sums(local, columns, query_columns, row_offset.astype(jnp.int32), config)
-        sums = jax.lax.psum(sums, axis_names)
-        return _finalise(sums, config)
-
-    batch_spec = PartitionSpec(axis_names)
-    sharded = jax.shard_map(body, mesh=mesh, in_specs=(batch_spec,), out_specs=PartitionSpec(), check_vma=True)
-    return sharded(arrays)

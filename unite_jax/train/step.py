@@ -8,7 +8,7 @@ per-row `candidate_modality` [C, rows] follows the same order, so reshaping
 [C, rows] -> [C * rows] lines codes up with embeddings.
 
 C == 1: one forward and backward over the whole batch.
-C > 1: GradCache (unite_jax/gradcache.py, "stacked" layout): the exact
+C > 1: GradCache (unite_jax/gradcache.py, one sub-batch per chunk): the exact
 full-batch gradient with the activation memory of one chunk.
 
 The trainable tree is either LoRA (A, B) pairs, with the frozen base passed
@@ -172,7 +172,7 @@ def loss_and_grads(trainable: dict, frozen: dict, batch: dict, rng, *, cfg: Mode
         return _accumulated(trainable, embed_fn, batch, dropout, settings=settings, has_negatives=has_negatives)
     if num_chunks > 1:
         loss, metrics, grads = gradcache_value_and_grad(embed_fn, loss_fn, trainable, query, candidate,
-                                                        num_chunks=num_chunks, rng=dropout, batch_layout="stacked")
+                                                        num_chunks=num_chunks, rng=dropout)
         return loss, metrics, grads
     return loss_and_grads_single(trainable, embed_fn, batch, dropout, settings, has_negatives)
 
