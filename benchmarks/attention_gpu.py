@@ -53,13 +53,12 @@ def main() -> None:
 
     import jax
     import jax.numpy as jnp
-
     from train_step import model_config, random_params_on_device
-    from unite_jax.data.items import prepare_item
+
     from unite_jax.data import media, tiny_tokenizer
-    from unite_jax.data.packing import choose_shapes, pack_batch
+    from unite_jax.data.items import prepare_item
+    from unite_jax.data.packing import BATCH_KEYS, choose_shapes, pack_batch
     from unite_jax.data.tokenize import PromptTokenizer
-    from unite_jax.data.packing import BATCH_KEYS
     from unite_jax.model.embedder import embed
     from unite_jax.model.options import RunOptions
 

@@ -83,8 +83,8 @@ def make_items(n: int, seed: int = 0) -> list[dict]:
 
 def prepared_items(model_dir: str, n: int):
     """The items tokenised and pre-processed by the library (host side only, no JAX compute)."""
-    from unite_jax.data.items import prepare_item
     from unite_jax.data import media
+    from unite_jax.data.items import prepare_item
     from unite_jax.data.tokenize import PromptTokenizer
 
     tokenizer = PromptTokenizer.from_pretrained(model_dir)
@@ -141,8 +141,7 @@ def jax_worker(args) -> None:
     import jax.numpy as jnp
 
     from unite_jax import Embedder
-    from unite_jax.data.packing import choose_shapes, pack_batch
-    from unite_jax.data.packing import BATCH_KEYS
+    from unite_jax.data.packing import BATCH_KEYS, choose_shapes, pack_batch
     from unite_jax.model.embedder import embed
 
     embedder = Embedder.from_pretrained(args.model_dir)

@@ -152,11 +152,7 @@ def step_part(args, root, tokenizer) -> None:
     import jax
 
     from unite_jax.data import media
-    from unite_jax.data.pipeline import (
-        BatchSpec,
-        build_train_iterator,
-        default_data_config,
-    )
+    from unite_jax.data.pipeline import BatchSpec, build_train_iterator, default_data_config
     from unite_jax.loss import mamcl_loss
     from unite_jax.model.config import preset
     from unite_jax.model.embedder import embed

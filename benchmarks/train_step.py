@@ -195,9 +195,17 @@ def jax_cpu_worker(args) -> None:
     from unite_jax import parallel
     from unite_jax.convert.hf import load_hf_params
     from unite_jax.data import media
-    from unite_jax.data.pipeline import (BatchSpec, ExampleBuilder, PreparedExample, build_train_iterator,
-                                         default_data_config, index_dataset, open_sources, pack_examples,
-                                         prefetch_to_device)
+    from unite_jax.data.pipeline import (
+        BatchSpec,
+        ExampleBuilder,
+        PreparedExample,
+        build_train_iterator,
+        default_data_config,
+        index_dataset,
+        open_sources,
+        pack_examples,
+        prefetch_to_device,
+    )
     from unite_jax.data.tokenize import PromptTokenizer
     from unite_jax.model.config import ModelConfig
     from unite_jax.model.params import abstract_params
@@ -385,8 +393,7 @@ def prepare_stream(items, seq_len: int, tokenizer, processor) -> list:
 def pack_stream(items, *, num_shards: int, rows_per_shard: int, seq_len: int, patches_per_row: int,
                 vision_block: int, pad_id: int, cfg, positions: str = "sequential") -> dict:
     """One stream in the pipeline's layout with C = 1 (pipeline.pack_examples without its grain import)."""
-    from unite_jax.data.packing import pack_batch
-    from unite_jax.data.packing import BATCH_KEYS
+    from unite_jax.data.packing import BATCH_KEYS, pack_batch
 
     packed = pack_batch(items, num_shards=num_shards, rows_per_shard=rows_per_shard, seq_len=seq_len,
                         patch_budget=rows_per_shard * patches_per_row, pad_id=pad_id,

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from unite_jax.cli import common as cli  # noqa: E402
 from unite_jax.eval.items import QUERY_KEYS, encode_inputs, items_fingerprint, read_items  # noqa: E402
-from unite_jax.progress import log  # noqa: E402
 from unite_jax.eval.store import encode_to_file, ids_path_for, run_key  # noqa: E402
+from unite_jax.progress import log  # noqa: E402
 
 INCOMPLETE = 3
 

@@ -17,10 +17,10 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from unite_jax import files  # noqa: E402
 from unite_jax.cli import common as cli  # noqa: E402
 from unite_jax.eval.evaluate import evaluate, format_table  # noqa: E402
 from unite_jax.eval.retrieval import BACKENDS  # noqa: E402
-from unite_jax import files  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     from unite_jax.convert.orbax_model import ModelDirError
-    from unite_jax.data.manifest import DataError
+    from unite_jax.data.records import DataError
     from unite_jax.train.loop import TrainingError, train
 
     logging.set_verbosity(logging.WARNING)

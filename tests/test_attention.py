@@ -6,8 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unite_jax.model.attention import blocked_segment_attention, causal_padding_mask, dot_product_attention, \
-    segment_mask
+from unite_jax.model.attention import (
+    blocked_segment_attention,
+    causal_padding_mask,
+    dot_product_attention,
+    segment_mask,
+)
 
 
 def _tiled_segments(rng, n, block):

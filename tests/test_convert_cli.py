@@ -8,11 +8,11 @@ import re
 import subprocess
 import sys
 
+import hf_reference
 import numpy as np
 import pytest
 import torch
 
-import hf_reference
 from unite_jax.convert import safetensors_io as st
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))

@@ -9,6 +9,7 @@ against an explicit-loop reference in test_media.py), since transformers' video
 processor needs torchvision.
 """
 
+import hf_reference
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,6 @@ from PIL import Image
 from skimage import data as skdata
 from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
-import hf_reference
 from unite_jax import Embedder
 from unite_jax.data import media
 

@@ -12,9 +12,9 @@ import zlib
 import numpy as np
 import pytest
 
+from unite_jax.data.items import with_instruction
 from unite_jax.eval import retrieval
 from unite_jax.eval.evaluate import evaluate, format_table, load_task, score_task
-from unite_jax.data.items import with_instruction
 from unite_jax.eval.items import ItemsError, read_items
 from unite_jax.eval.metrics import one_to_one_pairs, precision_at_1, recall_at_k, reverse_positives
 from unite_jax.eval.retrieval import top_k

@@ -4,14 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unite_jax.data.items import prepare_item
 from unite_jax.data import media
-from unite_jax.data.packing import choose_shapes, pack_batch
+from unite_jax.data.items import prepare_item
+from unite_jax.data.packing import BATCH_KEYS, choose_shapes, pack_batch
 from unite_jax.data.tokenize import PromptTokenizer
 from unite_jax.gradcache import gradcache_value_and_grad
 from unite_jax.loss import mamcl_loss
 from unite_jax.model.config import preset
-from unite_jax.data.packing import BATCH_KEYS
 from unite_jax.model.embedder import embed
 from unite_jax.model.options import RunOptions
 from unite_jax.model.params import init_params

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unite_jax.data.items import prepare_item
 from unite_jax.data import media
+from unite_jax.data.items import prepare_item
 from unite_jax.data.packing import choose_shapes, pack_batch
 from unite_jax.data.tokenize import PromptTokenizer
 from unite_jax.model.config import preset

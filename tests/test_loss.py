@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
-
 from loss_references import mamcl_loss_sharded, strided_embed_in_chunks, strided_gradcache_value_and_grad
-from unite_jax import gradcache, loss as loss_lib
+
+from unite_jax import gradcache
+from unite_jax import loss as loss_lib
 from unite_jax.loss import mamcl_loss
 
 CODES = np.array([1, 2, 4, 3, 5])

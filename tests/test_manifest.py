@@ -6,16 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from unite_jax.data.manifest import (
-    DataError,
-    JsonArraySource,
-    JsonlSource,
-    RecordError,
-    modality_code,
-    open_manifest,
-    parse_record,
-    parse_train_spec,
-)
+from unite_jax.data.manifest import JsonArraySource, JsonlSource, open_manifest, parse_train_spec
+from unite_jax.data.records import DataError, RecordError, modality_code, parse_record
 
 
 @pytest.fixture()

@@ -1,5 +1,6 @@
 """Parity of the JAX vision tower, text model and M-RoPE positions with transformers (PyTorch, float32)."""
 
+import hf_reference
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,6 @@ import pytest
 import torch
 from transformers.vision_utils import get_vision_position_ids
 
-import hf_reference
 from unite_jax.convert.hf import load_hf_params
 from unite_jax.data.packing import PackableInput, mrope_positions
 from unite_jax.model.config import ModelConfig

@@ -12,12 +12,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from unite_jax.data import media
-from unite_jax.data.pipeline import (
-    BatchSpec,
-    DataError,
-    build_train_iterator,
-    default_data_config,
-)
+from unite_jax.data.pipeline import BatchSpec, DataError, build_train_iterator, default_data_config
 from unite_jax.data.tfds_source import TfdsSource, parse_tfds_entry
 from unite_jax.data.tokenize import PromptTokenizer
 from unite_jax.model.pixels import normalize_stream

@@ -13,11 +13,10 @@ import pytest
 from unite_jax import parallel
 from unite_jax.data.items import prepare_item
 from unite_jax.data.media import ProcessorConfig, normalize_table
-from unite_jax.data.packing import pack_batch
+from unite_jax.data.packing import BATCH_KEYS, pack_batch
 from unite_jax.data.tokenize import PromptTokenizer
 from unite_jax.loss import mamcl_loss
 from unite_jax.model.config import preset
-from unite_jax.data.packing import BATCH_KEYS
 from unite_jax.model.embedder import embed
 from unite_jax.model.options import RunOptions
 from unite_jax.model.params import init_params

@@ -101,7 +101,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unite_jax.modality import IMAGE, KNOWN_BITS as KNOWN_MODALITY_BITS, TEXT, VIDEO
+from unite_jax.modality import IMAGE, TEXT, VIDEO
+from unite_jax.modality import KNOWN_BITS as KNOWN_MODALITY_BITS
+
 # Number of distinct codes a valid modality can take (0..7); used to count
 # masked entries with a histogram instead of a [rows, columns] matrix.
 _NUM_CODES = KNOWN_MODALITY_BITS + 1

@@ -28,15 +28,8 @@ from typing import Any
 import numpy as np
 
 from unite_jax.data.items import item_modality, join_instruction
-from unite_jax.data.manifest import (
-    DataError,
-    Example,
-    RecordError,
-    RecordSource,
-    make_item,
-    modality_code,
-    resolve_media,
-)
+from unite_jax.data.manifest import RecordSource
+from unite_jax.data.records import DataError, Example, RecordError, make_item, modality_code, resolve_media
 
 TFDS_PREFIX = "tfds:"
 ROLES = ("query_text", "query_image", "query_video", "candidate_text", "candidate_image", "candidate_video",

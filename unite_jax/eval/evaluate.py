@@ -20,8 +20,8 @@ import numpy as np
 
 from unite_jax.eval import metrics, retrieval
 from unite_jax.eval.items import QUERY_KEYS, ItemsError, encode_inputs, items_fingerprint, read_items_with_lines
-from unite_jax.progress import Progress, log
 from unite_jax.eval.store import EmbeddingCache, EncodeFn, encode_in_chunks, run_key
+from unite_jax.progress import Progress, log
 
 DEFAULT_KS = (1, 5, 10)
 

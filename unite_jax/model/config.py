@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any, Mapping
 
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
     """Qwen2-VL vision tower (ViT with 2-D rotary and a 2x2 patch merger)."""

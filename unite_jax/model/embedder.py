@@ -20,6 +20,7 @@ from unite_jax.model.options import RunOptions
 from unite_jax.model.text import text_model
 from unite_jax.model.vision import vision_tower
 
+
 def input_embeddings(params: dict, batch: dict, cfg: ModelConfig, run: RunOptions) -> jnp.ndarray:
     """Token embeddings with the vision tower's merged tokens scattered into the pad slots.
 

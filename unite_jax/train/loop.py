@@ -35,9 +35,9 @@ from unite_jax.model import lora as lora_lib
 from unite_jax.model.config import ModelConfig
 from unite_jax.model.options import LoraOptions, RunOptions, default_attention
 from unite_jax.model.params import abstract_params
+from unite_jax.progress import Progress, console
 from unite_jax.train import model_init
 from unite_jax.train.checkpoint import RunCheckpointer
-from unite_jax.progress import Progress, console
 from unite_jax.train.metrics_log import MetricsLog, Throughput, console_fields
 from unite_jax.train.optim import make_optimizer
 from unite_jax.train.state import create_state

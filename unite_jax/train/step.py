@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from unite_jax.data.packing import BATCH_KEYS
 from unite_jax.gradcache import gradcache_value_and_grad
 from unite_jax.loss import mamcl_loss
 from unite_jax.model.config import ModelConfig
-from unite_jax.data.packing import BATCH_KEYS
 from unite_jax.model.embedder import embed
 from unite_jax.model.lora import with_lora
 from unite_jax.model.options import RunOptions
