@@ -20,9 +20,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-
 from load_memory import high_water_mark  # noqa: E402
 
 

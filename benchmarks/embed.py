@@ -27,8 +27,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 MID = dict(hidden=512, layers=8, heads=8, kv=2, inter=1408, v_embed=256, v_depth=4, v_heads=4)
 
 
@@ -202,9 +200,9 @@ def bench_2b(args) -> None:
             "merged_dest": jax.ShapeDtypeStruct((1, patches // 4), jnp.int32),
         }
         param_bytes = sum(int(np.prod(x.shape)) * 2 for x in jax.tree.leaves(abstract))
-        functions = {"fwd_bwd": jax.grad(lambda p, b: jnp.sum(embed(p, b, cfg, run)[:, 0]))}
+        functions = {"fwd_bwd": jax.grad(lambda p, b, cfg=cfg, run=run: jnp.sum(embed(p, b, cfg, run)[:, 0]))}
         if remat == "none":
-            functions = {"forward": lambda p, b: embed(p, b, cfg, run), **functions}
+            functions = {"forward": lambda p, b, cfg=cfg, run=run: embed(p, b, cfg, run), **functions}
         for name, fn in functions.items():
             start = time.perf_counter()
             compiled = jax.jit(fn).lower(abstract, batch).compile()

@@ -37,8 +37,6 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
-sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
 
 from embed import MID, emit, write_mid_model  # noqa: E402  (benchmarks/embed.py)
 

@@ -12,12 +12,9 @@ are mapped); the design goal is about one copy of the weights.
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def high_water_mark() -> int:

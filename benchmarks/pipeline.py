@@ -1,8 +1,9 @@
 """Throughput of the training input pipeline (host side), and host time per batch vs the tiny model's step.
 
 Prints one JSON object per line:
-  {"part": "pipeline", "manifest": "image"|"video", "patch_dtype": "uint8"|"float32", "workers": W, "examples_per_s": ..., "per_core": ...,
-   "host_ms_per_batch": ..., "cpu_ms_per_example": ..., "examples_per_cpu_s": ...}  examples/s (wall) at
+  {"part": "pipeline", "manifest": "image"|"video", "patch_dtype": "uint8"|"float32", "workers": W,
+   "examples_per_s": ..., "per_core": ..., "host_ms_per_batch": ..., "cpu_ms_per_example": ...,
+   "examples_per_cpu_s": ...}  examples/s (wall) at
    0, 1 and 2 worker processes (per_core divides by max(W, 1)), and the CPU time (all processes) per
    example: examples_per_cpu_s is the throughput of one fully available core, the number to compare
    with the target of 100 photos/s per worker core. The first batch (worker start-up) is not timed.

@@ -23,8 +23,8 @@ no modality mask), AdamW lr 1e-4 with no warmup, grad-norm clip 1.0:
     LoRA A matrices, and steps on the same examples as the first batch (unpacked: each stream
     left-padded to its longest row, pixel values concatenated with grid_thw), N steps on that batch,
     once with 1 intra-op thread and then (at most 5 timed steps) with one per core
-    (--cpu_torch_threads); the ratio uses the faster. On a shared machine PyTorch's thread pool suffers far more than XLA's from other
-    processes' load (seen here: 2 threads 10x slower than 1 while another job held a core).
+    (--cpu_torch_threads); the ratio uses the faster. On a shared machine PyTorch's thread pool suffers far
+    more than XLA's from other processes' load (seen here: 2 threads 10x slower than 1 while another job held a core).
 JAX pads every row to data.seq_len and every row's patches to data.patches_per_row (static shapes,
 one compilation); PyTorch pads each stream only to its longest row: `jax_nonpad_fraction` and
 `torch_nonpad_fraction` say how much of each side's token grid is real.
@@ -59,11 +59,7 @@ import tempfile
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import torch_reference  # numpy only at import time; after the sys.path line
+import torch_reference  # numpy only at import time (a sibling module: benchmarks/ is on sys.path)
 
 MID = dict(hidden=512, layers=8, heads=8, kv=2, inter=1408, v_embed=256, v_depth=4, v_heads=4)
 LORA_RANK, LORA_ALPHA = 8, 16.0
@@ -284,8 +280,9 @@ def jax_cpu_worker(args) -> None:
     examples = [builder.build(sources[k], r) for k, r in (index_ds[i * stride] for i in range(args.batch))]
     if not all(isinstance(e, PreparedExample) for e in examples) or \
             [e.where for e in examples] != list(host0.example_wheres):
+        rebuilt = [getattr(e, "where", e) for e in examples][:4]
         raise RuntimeError(f"could not re-build batch 0 for the PyTorch worker: pipeline records "
-                           f"{list(host0.example_wheres)[:4]}..., re-built {[getattr(e, 'where', e) for e in examples][:4]}...")
+                           f"{list(host0.example_wheres)[:4]}..., re-built {rebuilt}...")
     repacked, _ = pack_examples(examples, spec)
     mismatched = [f"{stream}/{key}" for stream in ("query", "candidate") for key in repacked[stream]
                   if not np.array_equal(repacked[stream][key], host0.arrays[stream][key])]
@@ -295,7 +292,8 @@ def jax_cpu_worker(args) -> None:
                                  {s: [getattr(e, s) for e in examples] for s in ("query", "candidate")})
     modality = np.bincount(np.asarray(host0.arrays["candidate_modality"]).ravel(), minlength=8)
     emit({"config": dims(cfg), "devices": len(mesh.devices.ravel()), "compile_s": compile_s,
-          "first_batch_s": first_batch_s, "worker_cpu_s_per_batch": worker_cpu, "real_times": real_times, "real_waits": real_waits,
+          "first_batch_s": first_batch_s, "worker_cpu_s_per_batch": worker_cpu, "real_times": real_times,
+          "real_waits": real_waits,
           "real_tokens": real_tokens, "synthetic_times": synthetic_times, "tokens_batch0": host0.num_tokens,
           "real_first_loss": real_first_loss[0], "synthetic_losses": synthetic_losses,
           "batch0_candidate_modalities": {"text": int(modality[1]), "image": int(modality[2]),

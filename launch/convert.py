@@ -9,52 +9,13 @@ finished training workdir (WORKDIR/model) becomes a Hugging Face directory that
 `transformers.Qwen2VLForConditionalGeneration.from_pretrained` loads, with the
 tokenizer, pre-processor files and a model card. The weights keep their dtype
 unless --dtype is given. Errors are one line on stderr with exit code 2.
+
+The program is `unite_jax.cli.convert` (also installed as `unite-convert`; `python -m unite_jax.convert`).
 """
 
-import argparse
-import os
 import sys
-import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-DTYPES = ("bfloat16", "float32", "float16")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", required=True, help="Hugging Face dir, Orbax model dir, or finished training workdir")
-    parser.add_argument("--dst", required=True, help="output directory (must be empty or absent, see --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights (default: keep their dtype)")
-    parser.add_argument("--max_shard_gb", type=float, default=5.0,
-                        help="Hugging Face export: largest safetensors shard in GB (10^9 bytes)")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.max_shard_gb <= 0:
-        return _fail(f"--max_shard_gb must be positive, got {args.max_shard_gb}")
-    from unite_jax.convert import conversions  # after argument parsing: --help stays fast
-
-    start = time.time()
-    try:
-        direction, dst = conversions.convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                                             max_shard_bytes=int(args.max_shard_gb * 10**9))
-    except (OSError, ValueError) as e:  # FileNotFoundError, FileExistsError, ModelDirError, CheckpointError, ...
-        return _fail(str(e))
-    what = "Orbax model directory" if direction == "hf_to_orbax" else "Hugging Face directory"
-    size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(dst) for f in files)
-    print(f"wrote {what} {dst} ({size / 1e9:.3f} GB) in {time.time() - start:.1f} s")
-    return 0
-
-
-def _fail(message: str) -> int:
-    print(f"convert.py: error: {' '.join(message.split())}", file=sys.stderr)
-    return 2
-
+from unite_jax.cli.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

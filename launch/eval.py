@@ -8,55 +8,13 @@ Queries carry "positives": [candidate ids] and optionally "candidates": [ids] (M
 query is ranked only among its own candidates, and precision@1 is reported). Prints ONE JSON
 object on stdout (metrics as fractions in [0, 1]) and a readable table on stderr; --output also
 writes the JSON to a file. Exit code 2 with a one-line message for bad input.
+
+The program is `unite_jax.cli.eval` (also installed as `unite-eval`; `python -m unite_jax.eval`).
 """
 
-import argparse
-import json
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from unite_jax import files  # noqa: E402
-from unite_jax.cli import common as cli  # noqa: E402
-from unite_jax.eval.evaluate import evaluate, format_table  # noqa: E402
-from unite_jax.eval.retrieval import BACKENDS  # noqa: E402
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cli.add_model_flags(parser)
-    parser.add_argument("--queries", required=True, help="queries JSONL (items with 'positives')")
-    parser.add_argument("--candidates", required=True, help="candidates JSONL (items)")
-    parser.add_argument("--output", default=None, help="also write the JSON result to this file")
-    parser.add_argument("--instruction", default=None, help='query instruction ("INSTRUCTION\\nTEXT")')
-    parser.add_argument("--candidate_instruction", default=None, help="candidate instruction (same form)")
-    parser.add_argument("--cache_dir", default=None,
-                        help="store/reuse embeddings here, keyed by model files, flags and file contents "
-                             "(default: no cache)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="top-k search: numpy, faiss (pip install -e '.[faiss]'), or auto (faiss for large "
-                             "corpora when installed); identical results")
-    args = parser.parse_args(argv)
-    cli.check_model_flags(args)
-    encode_fn = cli.lazy_encode_fn(args)
-    key = cli.model_key(args)  # also fails early, with a clear message, on a missing model directory
-    result = evaluate(encode_fn, args.queries, args.candidates, batch_size=max(64, 8 * args.batch_size),
-                      query_instruction=args.instruction, candidate_instruction=args.candidate_instruction,
-                      cache_dir=args.cache_dir, model_key=key, backend=args.backend, show_progress=True)
-    text = json.dumps(result)
-    print(format_table(result), file=sys.stderr, flush=True)
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        files.write_text(args.output, text + "\n")
-    print(text, flush=True)
-    return 0
-
-
-def cli_main(argv=None) -> int:
-    """main() with input mistakes reported as one line on stderr and exit code 2."""
-    return cli.run_main(main, argv, prog="eval.py")
-
+from unite_jax.cli.eval import main
 
 if __name__ == "__main__":
-    sys.exit(cli_main())
+    sys.exit(main())

@@ -1,12 +1,11 @@
 """`launch/encode.py` and `launch/eval.py` end to end on a tiny random model.
 
 The happy paths run the scripts as subprocesses (the real command lines); error paths call the
-scripts' `cli_main` in-process (same code, no JAX start-up per case) and one bad-input run goes
+programs' `main` in-process (same code, no JAX start-up per case) and one bad-input run goes
 through a subprocess to check the real exit code. Answers that hold for ANY weights: identical
 inputs give identical embeddings, so an item's twin is its exact top-1.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,9 +14,12 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import write_jsonl
 from PIL import Image
 
 from unite_jax import Embedder
+from unite_jax.cli import encode as encode_cli
+from unite_jax.cli import eval as eval_cli
 from unite_jax.demo.random_model import write_random_model
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -31,13 +33,6 @@ ITEMS = [
 ]
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", os.path.join(ROOT, "launch", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_cli")
@@ -46,13 +41,8 @@ def workspace(tmp_path_factory):
     pixels = np.full((70, 90, 3), 255, np.uint8)
     pixels[20:50, 30:60] = (200, 30, 30)
     Image.fromarray(pixels).save(root / "data" / "img" / "shape.png")
-    _write_jsonl(root / "data" / "items.jsonl", ITEMS)
+    write_jsonl(root / "data" / "items.jsonl", ITEMS)
     return {"root": root, "model": model_dir, "items": str(root / "data" / "items.jsonl")}
-
-
-def _write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
 
 
 def _run(script, *flags):
@@ -67,6 +57,7 @@ def _media_resolved(item, data_dir):
     return out
 
 
+@pytest.mark.slow  # runs the command line as a subprocess
 def test_encode_cli_resumes_and_matches_embedder(workspace):
     output = str(workspace["root"] / "out" / "vectors.npy")
     flags = [f"--model={workspace['model']}", f"--input={workspace['items']}", f"--output={output}",
@@ -95,13 +86,14 @@ def test_encode_cli_resumes_and_matches_embedder(workspace):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow  # runs the command line as a subprocess
 def test_eval_cli_known_answers(workspace):
     root = workspace["root"]
     candidates = workspace["items"]
     # each query is a copy of candidate i; the last one names a different candidate as its positive
     queries = [dict(item, id=f"q_{item['id']}", positives=[item["id"]]) for item in ITEMS[:4]]
     queries[3]["positives"] = ["t0"]
-    queries_path = _write_jsonl(root / "data" / "queries.jsonl", queries)
+    queries_path = write_jsonl(root / "data" / "queries.jsonl", queries)
     output = str(root / "results" / "full.json")
     cache = str(root / "cache")
     full = _run("eval.py", f"--model={workspace['model']}", f"--queries={queries_path}",
@@ -118,7 +110,7 @@ def test_eval_cli_known_answers(workspace):
     mmeb = [dict(item, id=f"q_{item['id']}", positives=[item["id"]], candidates=[item["id"], "t2"])
             for item in ITEMS[:4]]
     mmeb[1].update(positives=["i0"], candidates=["i0", "t1"])
-    mmeb_path = _write_jsonl(root / "data" / "mmeb.jsonl", mmeb)
+    mmeb_path = write_jsonl(root / "data" / "mmeb.jsonl", mmeb)
     run = _run("eval.py", f"--model={workspace['model']}", f"--queries={mmeb_path}", f"--candidates={candidates}",
                f"--cache_dir={cache}")
     assert run.returncode == 0, run.stderr
@@ -145,12 +137,12 @@ def _swap_pad_tokens(model_dir, out_dir):
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(workspace, tmp_path, capsys):
-    encode = _load_script("encode")
-    evaluate = _load_script("eval")
+    encode, evaluate = "encode", "eval"
     output = str(tmp_path / "o.npy")
 
-    def fails(script, *flags):
-        code = script.cli_main(list(flags))
+    def fails(program, *flags):
+        main = {"encode": encode_cli.main, "eval": eval_cli.main}[program]
+        code = main(list(flags), prog=f"{program}.py")
         err = capsys.readouterr().err
         assert code == 2, err
         assert "Traceback" not in err
@@ -167,10 +159,11 @@ def test_cli_errors_are_one_line_with_exit_code_2(workspace, tmp_path, capsys):
     (incomplete / "config.json").unlink()
     assert "no config.json" in fails(encode, f"--model={incomplete}", f"--input={items}", f"--output={output}")
     mismatched = _swap_pad_tokens(workspace["model"], str(tmp_path / "mismatched"))
-    err = fails(evaluate, f"--model={mismatched}", f"--queries={_write_jsonl(tmp_path / 'q.jsonl', [dict(ITEMS[0], positives=['t0'])])}",
+    one_query = write_jsonl(tmp_path / "q.jsonl", [dict(ITEMS[0], positives=["t0"])])
+    err = fails(evaluate, f"--model={mismatched}", f"--queries={one_query}",
                 f"--candidates={items}")
     assert err.startswith("eval.py: error: ") and "tokenizer and model do not match" in err
-    bad_positive = _write_jsonl(tmp_path / "bad_q.jsonl", [dict(ITEMS[0], positives=["nope"])])
+    bad_positive = write_jsonl(tmp_path / "bad_q.jsonl", [dict(ITEMS[0], positives=["nope"])])
     err = fails(evaluate, f"--model={workspace['model']}", f"--queries={bad_positive}", f"--candidates={items}")
     assert "bad_q.jsonl:1: field 'positives': unknown candidate id(s) ['nope']" in err
     assert "ending in .npy" in fails(encode, f"--model={workspace['model']}", f"--input={items}",
@@ -178,6 +171,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(workspace, tmp_path, capsys):
     assert not os.path.exists(output) and not os.path.exists(output + ".parts")  # failed runs leave no trace
 
 
+@pytest.mark.slow  # runs the command line as a subprocess
 def test_encode_cli_bad_line_exits_2_naming_file_and_line(workspace, tmp_path):
     shutil.copytree(os.path.dirname(workspace["items"]), tmp_path / "data")
     path = tmp_path / "data" / "items.jsonl"

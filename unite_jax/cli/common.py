@@ -1,5 +1,5 @@
-"""What `launch/encode.py` and `launch/eval.py` share: model flags, a lazily loaded Embedder, and
-one-line errors (exit code 2) instead of tracebacks for mistakes in the inputs."""
+"""What the encode and eval programs share: model flags, a lazily loaded Embedder, and one-line
+errors (exit code 2) instead of tracebacks for mistakes in the inputs."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ USAGE_ERROR = 2
 USER_ERRORS = (ValueError, OSError, ImportError)
 
 
-def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
+def run_main(main: Callable[[Sequence[str] | None, str], int | None], argv: Sequence[str] | None = None,
              prog: str | None = None) -> int:
-    """Runs main(argv); a user error becomes `PROG: error: MESSAGE` on stderr and exit code 2."""
+    """Runs main(argv, prog); a user error becomes `PROG: error: MESSAGE` on stderr and exit code 2.
+
+    prog: the program's name in messages (default: the running script's file name)."""
     prog = prog or os.path.basename(sys.argv[0])
     try:
-        return int(main(argv) or 0)
+        return int(main(argv, prog) or 0)
     except USER_ERRORS as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return USAGE_ERROR

@@ -30,8 +30,11 @@ the same 13 photos): no eval drawing is used in training. Same seed, same bytes.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -231,3 +234,21 @@ def build_demo_data(out_dir: str, *, seed: int = 0, scale: float = 1.0) -> dict:
         json.dump(summary(lambda name: name), f, indent=2)
         f.write("\n")
     return summary(lambda name: os.path.join(out_dir, name))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`launch/make_demo_data.py`: builds the dataset and prints what it wrote."""
+    parser = argparse.ArgumentParser(description="Builds the demo dataset (digits, photos, moving-digit videos).")
+    parser.add_argument("--out", required=True, help="output directory (created if missing)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the number of training records")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    summary = build_demo_data(args.out, seed=args.seed, scale=args.scale)
+    for name, count in summary.items():
+        if name.endswith((".json", ".jsonl")):
+            print(f"{os.path.join(args.out, name)}: {count} records")
+    print(f"media: {summary['media_images']} images, {summary['media_videos']} videos; "
+          f"{summary['total_bytes'] / 1e6:.2f} MB in {time.perf_counter() - start:.1f} s")
+    print(f"data.train (stage 1): {summary['train_stage1']}")
+    print(f"data.train (stage 2): {summary['train_stage2']}")
