@@ -31,3 +31,19 @@ def tiny_tokenizer_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("tiny_tokenizer"))
     tiny_tokenizer.build(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_tokenizer_dir):
+    """The tiny tokenizer as the library reads it (`PromptTokenizer`)."""
+    from unite_jax.data.tokenize import PromptTokenizer
+
+    return PromptTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tiny_tokenizer_dir):
+    """The tiny tokenizer as transformers reads it (the reference of the prompt tests)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)

@@ -85,3 +85,58 @@ def save_hf_dir(model, directory: str, tokenizer_dir: str | None = None) -> str:
                 dst.write(src.read())
     Qwen2VLImageProcessorPil(**IMAGE_PROCESSOR).save_pretrained(directory)
     return directory
+
+
+def reference_embeddings(model, model_dir, items):
+    """UNITE embeddings of `items` computed with transformers (float32), the Embedder's reference.
+
+    items: specs {"content": text with <IMG> / <VID> where media go, "images": [PIL images],
+    "videos": [frame lists], "modalities": "sentence" | "image" | ...}. Image pixels come from
+    transformers' Qwen2VLImageProcessorPil; video pixels from our pre-processing (checked against an
+    explicit-loop reference in test_media.py), since transformers' video processor needs torchvision.
+    """
+    import torch
+    from helpers import PROMPT_HEAD, prompt_tail
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    from unite_jax.data import media
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    image_processor = Qwen2VLImageProcessorPil(**IMAGE_PROCESSOR)
+    processor_cfg = media.ProcessorConfig.from_pretrained(model_dir)
+    prompts, images, videos = [], [], []
+    for spec in items:
+        content = spec["content"]
+        for image in spec.get("images", []):
+            out = image_processor(images=[image], return_tensors="np")
+            grid = out["image_grid_thw"][0]
+            images.append((out["pixel_values"], grid))
+            content = content.replace("<IMG>", "<|vision_start|>" + "<|image_pad|>" * (grid.prod() // 4)
+                                      + "<|vision_end|>", 1)
+        for frames in spec.get("videos", []):
+            patches, grid = media.preprocess_video(frames, processor_cfg)
+            videos.append((patches, grid))
+            content = content.replace("<VID>", "<|vision_start|>" + "<|video_pad|>" * (grid.prod() // 4)
+                                      + "<|vision_end|>", 1)
+        prompts.append(PROMPT_HEAD + content + prompt_tail(spec["modalities"]))
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    seq = max(len(e) for e in encoded)
+    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    input_ids = torch.full((len(encoded), seq), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), seq), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        input_ids[i, seq - len(e):] = torch.tensor(e)
+        mask[i, seq - len(e):] = 1
+    with torch.no_grad():
+        embeds = model.model.language_model.embed_tokens(input_ids)
+        for media_list, token_id in ((images, model.config.image_token_id), (videos, model.config.video_token_id)):
+            if not media_list:
+                continue
+            pixels = torch.tensor(np.concatenate([m[0] for m in media_list]))
+            grids = torch.tensor(np.stack([m[1] for m in media_list]))
+            features = model.model.visual(pixels, grid_thw=grids).pooler_output
+            slots = (input_ids == token_id).unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(slots, features)
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                            position_ids=None).last_hidden_state[:, -1]
+    return torch.nn.functional.normalize(hidden, dim=-1).numpy()

@@ -12,21 +12,19 @@ import os
 import re
 import shutil
 import struct
-import sys
 
+import hf_reference
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from helpers import assert_trees_bit_equal, flatten, raw_bytes
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import hf_reference  # noqa: E402
-
-from unite_jax.convert import hf  # noqa: E402
-from unite_jax.convert import safetensors_io as st  # noqa: E402
-from unite_jax.model.config import ModelConfig  # noqa: E402
-from unite_jax.model.params import param_shapes  # noqa: E402
+from unite_jax.convert import hf
+from unite_jax.convert import safetensors_io as st
+from unite_jax.model.config import ModelConfig
+from unite_jax.model.params import param_shapes
 
 VARIANTS = ("gqa2_tied", "gqa4_untied")
 
@@ -89,26 +87,9 @@ def expected_tree(state: dict[str, np.ndarray], tied: bool) -> dict[str, np.ndar
     return flat
 
 
-def flatten(tree, prefix="") -> dict[str, np.ndarray]:
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else key
-        out.update(flatten(value, path) if isinstance(value, dict) else {path: value})
-    return out
-
-
-def raw_bytes(array) -> np.ndarray:
-    """The array's bytes in C order, so bit-exact comparison also works for bfloat16, NaNs and -0.0."""
-    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-
-
 def assert_trees_equal(actual, expected: dict[str, np.ndarray]):
-    actual = flatten(actual)
-    assert sorted(actual) == sorted(expected)
-    for path, value in expected.items():
-        assert actual[path].dtype == value.dtype, path
-        assert actual[path].shape == value.shape, path
-        assert np.array_equal(raw_bytes(actual[path]), raw_bytes(value)), path
+    """`actual` (a nested tree) leaf for leaf, bit for bit, against `expected` keyed by "a/b/c" paths."""
+    assert_trees_bit_equal(flatten(actual), expected)
 
 
 def assert_state_dicts_equal(model_a, model_b, dtype=torch.float32):

@@ -15,6 +15,8 @@ import torch
 
 from unite_jax.convert import safetensors_io as st
 
+pytestmark = pytest.mark.slow  # the command line run as a subprocess
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SCRIPT = os.path.join(REPO, "launch", "convert.py")
 
@@ -68,7 +70,8 @@ def test_round_trip_through_the_cli_with_a_dtype(source, tmp_path):
     # the destination is now non-empty: refused without --overwrite, replaced with it
     result = run(f"--src={orbax_dir}", f"--dst={export_dir}")
     assert_one_line_error(result, export_dir, "not empty", "--overwrite")
-    result = run(f"--src={orbax_dir}", f"--dst={export_dir}", "--overwrite", "--dtype=float32", "--max_shard_gb=0.00002")
+    result = run(f"--src={orbax_dir}", f"--dst={export_dir}", "--overwrite", "--dtype=float32",
+                 "--max_shard_gb=0.00002")
     assert result.returncode == 0, result.stderr
     assert st.INDEX_FILE in os.listdir(export_dir)  # 20 kB shards
     assert json.load(open(os.path.join(export_dir, "config.json")))["dtype"] == "float32"

@@ -23,6 +23,8 @@ from unite_jax.data import media
 from unite_jax.demo.dataset import build_demo_data
 from unite_jax.demo.render import MediaWriter, rgb_to_yuv420p
 
+pytestmark = pytest.mark.slow  # builds the demo dataset (and once through its command line)
+
 REPO = os.path.join(os.path.dirname(__file__), "..")
 SCALE = 0.1
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

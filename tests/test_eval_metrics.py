@@ -11,6 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
+from helpers import write_jsonl
 
 from unite_jax.data.items import with_instruction
 from unite_jax.eval import retrieval
@@ -120,8 +121,9 @@ def test_numpy_and_faiss_agree_on_random_data_with_duplicates(monkeypatch):
     # tiny score blocks (one query per chunk) and "auto" switching to faiss change nothing
     monkeypatch.setattr(retrieval, "SCORE_BLOCK_ELEMENTS", 1)
     monkeypatch.setattr(retrieval, "FAISS_MIN_CANDIDATES", 10)
-    np.testing.assert_array_equal(top_k(queries, candidates, 10, backend="numpy")[0], _brute_force(queries, candidates, 10))
-    np.testing.assert_array_equal(top_k(queries, candidates, 10, backend="auto")[0], _brute_force(queries, candidates, 10))
+    expected = _brute_force(queries, candidates, 10)
+    np.testing.assert_array_equal(top_k(queries, candidates, 10, backend="numpy")[0], expected)
+    np.testing.assert_array_equal(top_k(queries, candidates, 10, backend="auto")[0], expected)
 
 
 @pytest.mark.parametrize("subsets", [False, True])
@@ -168,16 +170,11 @@ def test_top_k_rejects_bad_vectors():
 
 
 # ----------------------------------------------------------------------------- items files
-def _write_lines(path, lines):
-    path.write_text("".join(line + "\n" for line in lines))
-    return str(path)
-
-
 def test_read_items_resolves_media_and_skips_blank_lines(tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "a.png").write_bytes(b"x")
     (tmp_path / "v.mp4").write_bytes(b"x")
-    path = _write_lines(tmp_path / "items.jsonl", [
+    path = write_jsonl(tmp_path / "items.jsonl", [
         '{"id": "a", "text": "hello"}', "", '{"id": "b", "image": "img/a.png", "text": "<|IMAGE|> hi"}',
         '{"id": "c", "video": ["v.mp4", "v.mp4"]}'])
     items = read_items(path)
@@ -203,7 +200,7 @@ def test_read_items_resolves_media_and_skips_blank_lines(tmp_path):
     ('{"id": "b", "text": "x", "positives": ["a"]}', r"items\.jsonl:3: unknown key\(s\) \['positives'\]"),
 ])
 def test_read_items_errors_name_file_line_and_field(tmp_path, line, message):
-    path = _write_lines(tmp_path / "items.jsonl", ['{"id": "a", "text": "first"}', "", line])
+    path = write_jsonl(tmp_path / "items.jsonl", ['{"id": "a", "text": "first"}', "", line])
     with pytest.raises(ItemsError, match=message):
         read_items(path)
 
@@ -212,14 +209,14 @@ def test_read_items_missing_or_empty_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl: items file does not exist"):
         read_items(str(tmp_path / "nowhere.jsonl"))
     with pytest.raises(ItemsError, match="no items"):
-        read_items(_write_lines(tmp_path / "empty.jsonl", ["", "  "]))
+        read_items(write_jsonl(tmp_path / "empty.jsonl", ["", "  "]))
 
 
 def test_load_task_checks_ids_against_candidates(tmp_path):
-    candidates = _write_lines(tmp_path / "c.jsonl", ['{"id": "c0", "text": "x"}', '{"id": "c1", "text": "y"}'])
+    candidates = write_jsonl(tmp_path / "c.jsonl", ['{"id": "c0", "text": "x"}', '{"id": "c1", "text": "y"}'])
 
     def queries(*lines):
-        return _write_lines(tmp_path / "q.jsonl", lines)
+        return write_jsonl(tmp_path / "q.jsonl", lines)
 
     task = load_task(queries('{"id": "q0", "text": "x", "positives": ["c1", "c0"]}'), candidates)
     assert [list(p) for p in task.positives] == [[1, 0]] and task.subsets is None
@@ -257,9 +254,9 @@ class FakeEncoder:
 
 def _eval_files(tmp_path):
     texts = ["red", "green", "blue", "cyan"]
-    candidates = _write_lines(tmp_path / "c.jsonl", [json.dumps({"id": f"c{i}", "text": t}) for i, t in enumerate(texts)])
+    candidates = write_jsonl(tmp_path / "c.jsonl", [{"id": f"c{i}", "text": t} for i, t in enumerate(texts)])
     # q0..q2 are copies of c0..c2 (their own twin is the exact top-1); q3 copies c3 but names c0 as positive
-    queries = _write_lines(tmp_path / "q.jsonl", [
+    queries = write_jsonl(tmp_path / "q.jsonl", [
         json.dumps({"id": f"q{i}", "text": t, "positives": [f"c{i if i < 3 else 0}"]}) for i, t in enumerate(texts)])
     return queries, candidates
 
@@ -282,8 +279,8 @@ def test_evaluate_known_answers_with_a_fake_encoder(tmp_path):
 
 def test_evaluate_symmetric_files_report_reverse_recall(tmp_path):
     texts = ["red", "green", "blue"]
-    path = _write_lines(tmp_path / "c.jsonl", [json.dumps({"id": t, "text": t}) for t in texts])
-    queries = _write_lines(tmp_path / "q.jsonl", [json.dumps({"id": "q" + t, "text": t, "positives": [t]})
+    path = write_jsonl(tmp_path / "c.jsonl", [json.dumps({"id": t, "text": t}) for t in texts])
+    queries = write_jsonl(tmp_path / "q.jsonl", [json.dumps({"id": "q" + t, "text": t, "positives": [t]})
                                                   for t in texts])
     result = evaluate(FakeEncoder(), queries, path, ks=(1, 2))
     assert result == {"recall@1": 1.0, "recall@2": 1.0, "reverse_recall@1": 1.0, "reverse_recall@2": 1.0,

@@ -58,8 +58,8 @@ def test_gradcache_equals_full_batch_gradient_on_tiny_embedder(tiny_tokenizer_di
 
     # plain: every chunk embedded inside one differentiated function
     def full_loss(p):
-        q = jnp.concatenate([embed_fn(p, jax.tree.map(lambda x: x[k], query_batch)) for k in range(2)])
-        c = jnp.concatenate([embed_fn(p, jax.tree.map(lambda x: x[k], candidate_batch)) for k in range(2)])
+        q = jnp.concatenate([embed_fn(p, jax.tree.map(lambda x, k=k: x[k], query_batch)) for k in range(2)])
+        c = jnp.concatenate([embed_fn(p, jax.tree.map(lambda x, k=k: x[k], candidate_batch)) for k in range(2)])
         return loss_fn(q, c)[0]
 
     expected_loss, expected = jax.jit(jax.value_and_grad(full_loss))(params)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
+from helpers import write_jsonl
 from PIL import Image
 
 from unite_jax.data import media
@@ -29,15 +28,10 @@ EVAL_QUERIES = [  # the same two queries as an encode / eval file holds them
 ]
 
 
-def _write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
-
-
 def _training_ids(tmp_path, tokenizer) -> list[np.ndarray]:
     """The query token ids of each record as the training pipeline packs them (left padding removed)."""
     data = default_data_config()
-    data.train = _write_jsonl(tmp_path / "train.jsonl", TRAIN_RECORDS)
+    data.train = write_jsonl(tmp_path / "train.jsonl", TRAIN_RECORDS)
     data.shuffle = False
     data.seq_len, data.patches_per_row, data.vision_block = 256, 256, 256
     spec = BatchSpec.from_config(data, num_chunks=1, local_shards=1, rows_per_shard=2, pad_id=tokenizer.pad_id,
@@ -51,19 +45,19 @@ def test_a_record_gives_the_same_token_ids_in_training_and_in_encode_eval(tmp_pa
     Image.new("RGB", (60, 50), (210, 30, 30)).save(tmp_path / "red.png")
     tokenizer = PromptTokenizer.from_pretrained(tiny_tokenizer_dir)
     training = _training_ids(tmp_path, tokenizer)
-    candidates = _write_jsonl(tmp_path / "candidates.jsonl", [{"id": "c0", "text": "red"}])
+    candidates = write_jsonl(tmp_path / "candidates.jsonl", [{"id": "c0", "text": "red"}])
 
     def ids_of(items):
         return [prepare_item(item, i, tokenizer, PROCESSOR).input_ids for i, item in enumerate(items)]
 
     for k, (query, instruction) in enumerate(EVAL_QUERIES):
-        queries = _write_jsonl(tmp_path / f"queries{k}.jsonl", [query])
+        queries = write_jsonl(tmp_path / f"queries{k}.jsonl", [query])
         # launch/encode.py: the items file and --instruction
         encoded = ids_of(encode_inputs(read_items(queries, extra_keys=QUERY_KEYS), instruction))
         # launch/eval.py and the trainer's evaluation: evaluate() hands encode_fn the items it encodes
         seen = []
 
-        def encode_fn(items):
+        def encode_fn(items, seen=seen):
             seen.extend(ids_of(items))
             return np.eye(len(items), 4, dtype=np.float32)
 

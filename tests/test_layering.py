@@ -119,7 +119,6 @@ _WORKER_SCRIPT = textwrap.dedent("""
             if name.split(".")[0] in ("jax", "jaxlib"):
                 raise ImportError("jax is refused in this process: " + name)
     sys.meta_path.insert(0, RefuseJax())
-    sys.path.insert(0, os.getcwd())
     import configs.base
     import configs.stage1
     assert "jax" not in sys.modules and "grain" not in sys.modules, "configs import jax or grain"

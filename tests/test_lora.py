@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_lora
 
 from unite_jax.data import media
 from unite_jax.data.items import prepare_item
@@ -20,7 +21,7 @@ from unite_jax.model.embedder import embed
 from unite_jax.model.layers import linear
 from unite_jax.model.lora import LORA_TARGETS, abstract_lora, init_lora, lora_scale, lora_shapes, merge_lora, with_lora
 from unite_jax.model.options import LoraOptions, RunOptions
-from unite_jax.model.params import init_params
+from unite_jax.model.params import init_params, is_shape, param_shapes
 from unite_jax.model.text import text_model
 
 CFG = preset("tiny")  # hidden 64, 4 heads of 16, 2 KV heads, intermediate 128, 2 layers
@@ -52,11 +53,12 @@ def batch_and_run(tiny_tokenizer_dir):
     return batch, run, run.replace(lora=LoraOptions(SCALE, dropout=0.1))
 
 
-def _random_lora(seed, scale_b=0.3):
-    """A LoRA tree with non-zero A (init_lora's) and B ~ normal(0, scale_b) (B is zero after init_lora)."""
-    rng = np.random.default_rng(seed)
-    lora = init_lora(CFG, RANK, seed_or_key=seed)
-    return jax.tree.map(lambda a: np.asarray(a) + scale_b * rng.standard_normal(a.shape, np.float32), lora)
+def _random_lora(seed):
+    """A LoRA tree on every target with A and B ~ normal(0, 0.3) (B is zero after init_lora)."""
+    stand_ins = jax.tree.map(lambda shape: np.empty(shape, np.float32), param_shapes(CFG), is_leaf=is_shape)
+    layers = stand_ins["model"]["layers"]
+    pairs = [(module, name) for module in ("self_attn", "mlp") for name in LORA_TARGETS if name in layers[module]]
+    return random_lora(stand_ins, pairs, RANK, seed)
 
 
 def _text_inputs(seed=5, batch=2, seq=9):
@@ -314,8 +316,8 @@ def test_scan_unrolled_and_remat_agree_with_dropout_on(params):
 
     def compiled(c):
         """A jitted key -> (hidden states [batch, seq, hidden], LoRA gradients) for run options c."""
-        def loss(l, k):
-            out = text_model(with_lora(params, l)["model"], embeds, mask, positions, CFG, c, rng=k)
+        def loss(adapters, k):
+            out = text_model(with_lora(params, adapters)["model"], embeds, mask, positions, CFG, c, rng=k)
             return jnp.sum(out[:, -1] * out[:, -2]), out
 
         step = jax.jit(jax.value_and_grad(loss, has_aux=True))

@@ -269,7 +269,7 @@ def test_shard_map_equals_single_device(mesh_shape, axes):
     names = embedding_names(data)
     expected = _value_and_grads(jax_loss_fn(data, **SHARDED_OPTIONS)[0], data, names)
     for chunk_size in (None, 7):
-        def fn(query, candidate, hard_negative):
+        def fn(query, candidate, hard_negative, chunk_size=chunk_size):
             return mamcl_loss_sharded(query, candidate, data["modality"], mesh=mesh, axis_names=axes,
                                       hard_negative=hard_negative,
                                       hard_negative_modality=data["hard_negative_modality"], valid=data["valid"],

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from helpers import write_video
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
@@ -242,19 +243,9 @@ def level(index):
 
 
 def write_test_video(path, num_frames=VIDEO_FRAMES, fps=VIDEO_FPS, codec="libx264", options=None):
-    assert codec in av.codecs_available, f"PyAV build lacks the {codec} encoder"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = 64, 48
-        stream.pix_fmt = "yuv444p" if codec == "ffv1" else "yuv420p"
-        stream.options = options or {}
-        for index in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), level(index), np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return str(path)
+    """64x48 frames of flat brightness level(index): a decoded frame says which one it is."""
+    frames = np.stack([np.full((48, 64, 3), level(index), np.uint8) for index in range(num_frames)])
+    return write_video(path, frames, fps, codec, options)
 
 
 def frame_ids(frames):

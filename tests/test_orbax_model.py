@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from test_embedder import _photo, _reference, _video_frames
+from helpers import assert_trees_bit_equal, flatten, photo, random_lora, raw_bytes, video_frames
 
 from unite_jax import Embedder
 from unite_jax.convert import conversions, hf, orbax_io, orbax_model
@@ -62,29 +62,10 @@ def to_4x_name(name: str) -> str:
     return re.sub(r"^model\.language_model\.", "model.", re.sub(r"^model\.visual\.", "visual.", name))
 
 
-def raw(array) -> np.ndarray:
-    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-
-
 def hf_tensors(directory: str) -> dict[str, np.ndarray]:
     checkpoint = st.Checkpoint(directory)
     return {name: checkpoint.read(name, copy=True) for name in checkpoint.names()}
 
-
-def flat(tree, prefix=()):
-    out = {}
-    for key, value in tree.items():
-        out.update(flat(value, prefix + (key,)) if isinstance(value, dict) else {prefix + (key,): value})
-    return out
-
-
-def assert_trees_bit_equal(actual, expected):
-    a, e = flat(actual), flat(expected)
-    assert sorted(a) == sorted(e)
-    for path in e:
-        x, y = np.asarray(a[path]), np.asarray(e[path])
-        assert x.dtype == y.dtype and x.shape == y.shape, path
-        assert np.array_equal(raw(x), raw(y)), path
 
 
 # ------------------------------------------------------------------ round trips
@@ -112,7 +93,7 @@ def test_round_trip_hf_orbax_hf_is_bit_exact(models, layout, dtype, variant, tmp
     assert sorted(got) == sorted(expected)
     for name, value in expected.items():
         assert got[name].dtype == value.dtype and got[name].shape == value.shape, name
-        assert np.array_equal(raw(got[name]), raw(value)), name
+        assert np.array_equal(raw_bytes(got[name]), raw_bytes(value)), name
     config = json.load(open(os.path.join(exported, "config.json")))
     assert config["dtype"] == config["torch_dtype"] == dtype
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
@@ -167,15 +148,15 @@ def test_export_loads_in_transformers_and_matches_embedder(models, tmp_path, tin
     assert sorted(original) == sorted(again)
     assert all(torch.equal(original[k], again[k]) for k in original)
 
-    photo_path, photo = _photo(tmp_path, "astronaut", np.s_[40:317, 60:451])
-    frames = _video_frames(0)
+    photo_path, picture = photo(tmp_path, "astronaut", np.s_[40:317, 60:451])
+    frames = video_frames(0)
     items = [{"text": "a photo of a cat sitting on a red sofa"}, {"image": photo_path}, {"video": frames},
              {"text": "<|IMAGE|>\nWhat is in the picture?", "image": photo_path}]
     specs = [{"content": "a photo of a cat sitting on a red sofa", "modalities": "sentence"},
-             {"content": "<IMG>", "images": [photo], "modalities": "image"},
+             {"content": "<IMG>", "images": [picture], "modalities": "image"},
              {"content": "<VID>", "videos": [frames], "modalities": "video"},
-             {"content": "<IMG>\nWhat is in the picture?", "images": [photo], "modalities": "sentence and image"}]
-    expected = _reference(loaded, exported, specs)
+             {"content": "<IMG>\nWhat is in the picture?", "images": [picture], "modalities": "sentence and image"}]
+    expected = hf_reference.reference_embeddings(loaded, exported, specs)
     embedder = Embedder.from_pretrained(model_dir)
     assert embedder.run.param_dtype == "float32"
     got = embedder.encode(items, batch_size=4)
@@ -197,18 +178,6 @@ def test_export_loads_in_transformers_and_matches_embedder(models, tmp_path, tin
 
 
 # ------------------------------------------------------------------ LoRA
-def random_lora(params, targets, rank, seed, dtype=np.float32):
-    rng = np.random.default_rng(seed)
-    layers = params["model"]["layers"]
-    tree = {}
-    for module, name in targets:
-        num, fan_in, fan_out = layers[module][name]["kernel"].shape
-        tree.setdefault(module, {})[name] = {
-            "lora_a": (rng.standard_normal((num, fan_in, rank)) * 0.3).astype(dtype),
-            "lora_b": (rng.standard_normal((num, rank, fan_out)) * 0.3).astype(dtype)}
-    return {"model": {"layers": tree}}
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_lora_merged_into_params_is_saved_loaded_and_exported(models, dtype, tmp_path, tiny_tokenizer_dir):
     """What the trainer writes: LoRA folded into the kernels (merge_lora), recorded in unite_model.json."""
@@ -232,8 +201,8 @@ def test_lora_merged_into_params_is_saved_loaded_and_exported(models, dtype, tmp
     for module, name in targets:
         kernel = params["model"]["layers"][module][name]["kernel"]
         pair = lora["model"]["layers"][module][name]
-        exact = np.stack([kernel[l].astype(np.float64) + scale * pair["lora_a"][l].astype(np.float64)
-                          @ pair["lora_b"][l].astype(np.float64) for l in range(kernel.shape[0])])
+        exact = np.stack([kernel[k].astype(np.float64) + scale * pair["lora_a"][k].astype(np.float64)
+                          @ pair["lora_b"][k].astype(np.float64) for k in range(kernel.shape[0])])
         got = loaded["model"]["layers"][module][name]["kernel"]
         assert got.dtype == kernel.dtype
         # float32 math then one rounding to the kernel's dtype: within an ulp of the exact value
@@ -304,9 +273,10 @@ def test_sharded_jax_params_save_and_load_with_shardings(models, tmp_path, tiny_
     assert_trees_bit_equal(host, params)
     placed, cfg_again, _ = orbax_model.load_model_dir(model_dir, dtype="bfloat16", sharding=shardings)
     assert cfg_again == cfg
-    for path, leaf in flat(placed).items():
-        assert leaf.sharding == flat(shardings)[path] and leaf.dtype == jax.numpy.bfloat16, path
-        assert np.array_equal(raw(np.asarray(leaf)), raw(flat(params)[path].astype(ml_dtypes.bfloat16))), path
+    for path, leaf in flatten(placed).items():
+        assert leaf.sharding == flatten(shardings)[path] and leaf.dtype == jax.numpy.bfloat16, path
+        want = flatten(params)[path].astype(ml_dtypes.bfloat16)
+        assert np.array_equal(raw_bytes(np.asarray(leaf)), raw_bytes(want)), path
     replicated = NamedSharding(mesh, PartitionSpec())
     one, _, _ = orbax_model.load_model_dir(model_dir, sharding=replicated)
     assert all(x.sharding == replicated for x in jax.tree.leaves(one))

@@ -328,7 +328,7 @@ def test_host_to_global_round_trip():
         rows_per_shard = x.shape[1] // 4
         for shard in arr.addressable_shards:
             # device at mesh position (data d, fsdp f) holds rows of batch shard 2 * d + f
-            (d, f, _), = np.argwhere(np.vectorize(lambda dev: dev == shard.device)(mesh.devices))
+            (d, f, _), = np.argwhere(np.vectorize(lambda dev, shard=shard: dev == shard.device)(mesh.devices))
             b = 2 * d + f
             np.testing.assert_array_equal(np.asarray(shard.data), x[:, b * rows_per_shard:(b + 1) * rows_per_shard])
 

@@ -6,11 +6,12 @@ import logging
 import os
 import re
 
-import av
 import numpy as np
 import pytest
+from helpers import PROMPT_HEAD as HEAD
+from helpers import prompt_tail as tail
+from helpers import write_jsonl, write_video
 from PIL import Image
-from transformers import AutoTokenizer
 
 from unite_jax.data import media
 from unite_jax.data.packing import PackableInput, pack_batch, vision_rope_positions
@@ -22,19 +23,14 @@ from unite_jax.data.pipeline import (
     prefetch_to_device,
     processor_overrides,
 )
-from unite_jax.data.tokenize import PromptTokenizer
 from unite_jax.model.pixels import normalize_stream
 
-HEAD = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 # Small pixel budget: a 112x112 image stays 112x112 (8x8 patches, 16 merged tokens), a 112x168 one
 # gives 8x12 patches (24 tokens); a 4 s video at 2 fps keeps 4 frames (1 fps) = 2 temporal slices.
 PROC = media.ProcessorConfig(min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28, video_min_frames=2,
                              video_max_frames=4)
 SQUARE_TOKENS, WIDE_TOKENS, VIDEO_TOKENS = 16, 24, 32
 
-
-def tail(modalities):
-    return f"\nSummary above {modalities} in one word:<|im_end|>\n<|im_start|>assistant\n<|endoftext|>"
 
 
 def img(n):
@@ -45,28 +41,10 @@ def vid(n):
     return "<|vision_start|>" + "<|video_pad|>" * n + "<|vision_end|>"
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer_dir):
-    return PromptTokenizer.from_pretrained(tiny_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(tiny_tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-
-
 def _write_video(path, num_frames=8, fps=2, size=112):
     rng = np.random.default_rng(1)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for _ in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    frames = np.stack([rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(num_frames)])
+    write_video(path, frames, fps)
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +77,6 @@ def _config(train, **overrides):
 def _spec(cfg, tokenizer, chunks=1, shards=1, rows=2, position_mode="sequential"):
     return BatchSpec.from_config(cfg, num_chunks=chunks, local_shards=shards, rows_per_shard=rows,
                                  pad_id=tokenizer.pad_id, patch_dim=PROC.patch_dim, position_mode=position_mode)
-
-
-def _write_jsonl(path, records):
-    with open(path, "w") as f:
-        f.writelines((record if isinstance(record, str) else json.dumps(record)) + "\n" for record in records)
-    return str(path)
 
 
 def _iterator(cfg, tokenizer, spec=None, **kwargs):
@@ -151,7 +123,7 @@ MIX_MEDIA = [  # (query media, candidate media, negative media): (kind, file) in
 
 @pytest.fixture(scope="module")
 def mix_batch(media_dir, tokenizer, tmp_path_factory):
-    path = _write_jsonl(tmp_path_factory.mktemp("mix") / "mix.jsonl", MIX_RECORDS)
+    path = write_jsonl(tmp_path_factory.mktemp("mix") / "mix.jsonl", MIX_RECORDS)
     cfg = _config(path, media_root=str(media_dir), hard_negatives=True)
     spec = _spec(cfg, tokenizer, chunks=2, shards=1, rows=3)
     with _iterator(cfg, tokenizer, spec) as it:
@@ -186,7 +158,7 @@ def test_exact_prompt_ids_for_every_modality_mix(mix_batch, hf_tokenizer, tokeni
 @pytest.fixture(scope="module")
 def mix_batch_float(media_dir, tokenizer, tmp_path_factory):
     """mix_batch with data.patch_dtype="float32": patches normalised on the host."""
-    path = _write_jsonl(tmp_path_factory.mktemp("mix_float") / "mix.jsonl", MIX_RECORDS)
+    path = write_jsonl(tmp_path_factory.mktemp("mix_float") / "mix.jsonl", MIX_RECORDS)
     cfg = _config(path, media_root=str(media_dir), hard_negatives=True, patch_dtype="float32")
     spec = _spec(cfg, tokenizer, chunks=2, shards=1, rows=3)
     with _iterator(cfg, tokenizer, spec) as it:
@@ -312,7 +284,7 @@ def test_per_stream_patch_budgets(media_dir, tokenizer, tmp_path):
         {"query": {"text": "two pictures"}, "candidate": {"image": ["square.png", "wide.png"]}},  # 2 tiles > 1
         {"query": {"text": "a red sofa"}, "candidate": {"text": "a sofa", "image": "wide.png"}},
     ]
-    path = _write_jsonl(tmp_path / "streams.jsonl", records)
+    path = write_jsonl(tmp_path / "streams.jsonl", records)
     cfg = _config(path, media_root=str(media_dir), query_patches_per_row=0, candidate_patches_per_row=128)
     spec = _spec(cfg, tokenizer, rows=2)
     assert (spec.stream_patch_budget("query"), spec.stream_patch_budget("candidate")) == (0, 256)
@@ -350,7 +322,7 @@ def test_text_truncation_and_too_long_examples_keep_one_shape(media_dir, tokeniz
         {"query": {"video": ["clip.mp4", "clip.mp4"]}, "candidate": {"text": "y"}},  # 64 video tokens + template
         {"query": {"text": "a red sofa"}, "candidate": {"image": "wide.png"}},
     ]
-    path = _write_jsonl(tmp_path / "long.jsonl", records)
+    path = write_jsonl(tmp_path / "long.jsonl", records)
     cfg = _config(path, media_root=str(media_dir), seq_len=64, max_text_tokens=12)
     with _iterator(cfg, tokenizer, _spec(cfg, tokenizer, rows=3)) as it:
         first, second = next(it), next(it)
@@ -364,7 +336,7 @@ def test_text_truncation_and_too_long_examples_keep_one_shape(media_dir, tokeniz
     assert "tokens after text truncation, more than data.seq_len=64" in reasons[f"{path}:5"]
     assert first.example_wheres[:2] == [f"{path}:1", f"{path}:2"]
     head = hf_tokenizer(HEAD, add_special_tokens=False)["input_ids"]
-    for row, (prefix, modalities) in enumerate(((HEAD, "sentence"), (HEAD + img(SQUARE_TOKENS) + " ",
+    for row, (_, modalities) in enumerate(((HEAD, "sentence"), (HEAD + img(SQUARE_TOKENS) + " ",
                                                                        "sentence and image"))):
         ids = first.arrays["query"]["input_ids"][0, row]
         ids = ids[first.arrays["query"]["attention_mask"][0, row] == 1]
@@ -396,7 +368,7 @@ def _bad_manifest(path):
              {},  # 10 empty record
              {"query": {"text": "<|IMAGE|> x"}, "candidate": {"text": "y"}},  # 11 placeholder without image
              *good[3:]]
-    return _write_jsonl(path, lines)
+    return write_jsonl(path, lines)
 
 
 BAD_LINES = {2: "missing file", 3: "unreadable media", 5: "unreadable media", 6: "unreadable media",
@@ -412,7 +384,7 @@ def test_each_bad_input_is_skipped_counted_and_logged_once(media_dir, tokenizer,
         stats = it.stats
     reported = [r for b in batches for r in b.bad_records]
     assert [w for w, _ in reported] == [f"{path}:{line}" for line in BAD_LINES]  # first pass only
-    for (where, reason), (line, kind) in zip(reported, BAD_LINES.items()):
+    for (_, reason), (line, kind) in zip(reported, BAD_LINES.items()):
         assert reason.startswith(kind + ": "), (line, reason)
     reasons = dict(reported)
     assert f"{os.path.join(str(media_dir), 'absent.png')} not found" in reasons[f"{path}:2"]
@@ -432,7 +404,8 @@ def test_each_bad_input_is_skipped_counted_and_logged_once(media_dir, tokenizer,
 
 def test_strict_mode_and_bad_fraction_abort(media_dir, tokenizer, tmp_path):
     path = _bad_manifest(tmp_path / "bad.jsonl")
-    strict_error = re.escape(f"{path}:2: missing file: candidate.image: ") + r".*absent.png not found \(data.strict=True"
+    strict_error = (re.escape(f"{path}:2: missing file: candidate.image: ")
+                    + r".*absent.png not found \(data.strict=True")
     with _iterator(_config(path, media_root=str(media_dir), strict=True), tokenizer) as it, \
             pytest.raises(DataError, match=strict_error):
         next(it)
@@ -445,7 +418,7 @@ def test_strict_mode_and_bad_fraction_abort(media_dir, tokenizer, tmp_path):
     assert "training records skipped" in message and "data.max_bad_fraction=0.3" in message
     assert f"first: {path}:2: missing file" in message
     # nothing usable at all: stops after two passes even when every record may be skipped
-    unusable = _write_jsonl(tmp_path / "unusable.jsonl", ["{not json"] * 3)
+    unusable = write_jsonl(tmp_path / "unusable.jsonl", ["{not json"] * 3)
     with _iterator(_config(unusable), tokenizer) as it, pytest.raises(DataError, match="no usable record in two "
                                                                                        "passes over .* 3 records"):
         next(it)
@@ -455,7 +428,7 @@ def test_hard_negative_policies(media_dir, tokenizer, tmp_path):
     records = [{"query": {"text": "a"}, "candidate": {"text": "b"}},
                {"query": {"text": "c"}, "candidate": {"text": "d"}, "negative": {"image": "gone.png"}},
                {"query": {"text": "e"}, "candidate": {"text": "f"}, "negative": {"image": "square.png"}}]
-    path = _write_jsonl(tmp_path / "neg.jsonl", records)
+    path = write_jsonl(tmp_path / "neg.jsonl", records)
     # without hard negatives, a broken negative costs nothing
     with _iterator(_config(path, media_root=str(media_dir)), tokenizer) as it:
         assert next(it).example_wheres == [f"{path}:1", f"{path}:2"] and it.stats["bad"] == 0
@@ -472,7 +445,7 @@ def test_hard_negative_policies(media_dir, tokenizer, tmp_path):
 
 
 def _text_manifest(path, prefix, n):
-    return _write_jsonl(path, [{"query": {"text": f"{prefix} {i}"}, "candidate": {"text": f"c {i}"}}
+    return write_jsonl(path, [{"query": {"text": f"{prefix} {i}"}, "candidate": {"text": f"c {i}"}}
                                for i in range(n)])
 
 
@@ -541,7 +514,7 @@ def _assert_same_batches(got, want):
 
 
 def test_state_restore_mid_epoch_in_a_fresh_iterator(media_dir, tokenizer, tmp_path):
-    images = _write_jsonl(tmp_path / "img.jsonl",
+    images = write_jsonl(tmp_path / "img.jsonl",
                           [{"query": {"text": f"photo {i}"}, "candidate": {"image": ["square.png", "wide.png"][i % 2]}}
                            for i in range(7)] + ['{"broken'])
     texts = _text_manifest(tmp_path / "txt.jsonl", "t", 9)
@@ -579,7 +552,7 @@ def test_prefetch_to_device_yields_the_state_of_each_consumed_batch(tokenizer, t
         assert batch.example_wheres == wheres and state == want_state
         assert put == batch.arrays["query"]["input_ids"].sum()
     # an error in the background thread reaches the consumer
-    strict = _config(_write_jsonl(tmp_path / "bad.jsonl", ["not json"] * 3), strict=True)
+    strict = _config(write_jsonl(tmp_path / "bad.jsonl", ["not json"] * 3), strict=True)
     with _iterator(strict, tokenizer) as it, prefetch_to_device(it, lambda arrays: arrays) as prefetcher, \
             pytest.raises(DataError, match=r"bad.jsonl:1: malformed json"):
         next(prefetcher)
@@ -591,7 +564,7 @@ def test_prefetch_to_device_yields_the_state_of_each_consumed_batch(tokenizer, t
 def test_workers_restore_exactly_and_report_bad_records_to_the_main_process(media_dir, tokenizer, tmp_path):
     records = [{"query": {"text": f"photo {i}"}, "candidate": {"image": "square.png"}} for i in range(9)]
     records[4] = {"query": {"text": "x"}, "candidate": {"image": "absent.png"}}
-    path = _write_jsonl(tmp_path / "w.jsonl", records)
+    path = write_jsonl(tmp_path / "w.jsonl", records)
     cfg = _config(path, media_root=str(media_dir), shuffle=True, num_workers=2)
     spec = _spec(cfg, tokenizer, rows=2)
     with _iterator(cfg, tokenizer, spec) as it:

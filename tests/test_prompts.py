@@ -2,18 +2,14 @@
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
+from helpers import PROMPT_HEAD as HEAD
+from helpers import prompt_tail as tail
 
 from unite_jax.data.prompts import build_prompt
-from unite_jax.data.tokenize import PromptTokenizer
 
-HEAD = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 VID = "<|vision_start|><|video_pad|><|vision_end|>"
 
-
-def tail(modalities):
-    return f"\nSummary above {modalities} in one word:<|im_end|>\n<|im_start|>assistant\n<|endoftext|>"
 
 
 @pytest.mark.parametrize("text,images,videos,expected,order", [
@@ -41,13 +37,8 @@ def test_prompt_errors():
         build_prompt("<|VIDEO|> <|IMAGE|>", 1, 0)
 
 
-@pytest.fixture(scope="module")
-def tokenizers_pair(tiny_tokenizer_dir):
-    return PromptTokenizer.from_pretrained(tiny_tokenizer_dir), AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-
-
-def test_token_ids_equal_transformers_tokenizer_on_expanded_prompt(tokenizers_pair):
-    ours, theirs = tokenizers_pair
+def test_token_ids_equal_transformers_tokenizer_on_expanded_prompt(tokenizer, hf_tokenizer):
+    ours, theirs = tokenizer, hf_tokenizer
     text = "<|VIDEO|> a red circle.\n<|IMAGE|> what next?"
     got = ours.encode(text, merged_token_counts=[6, 10], media_kinds=["image", "video"])
     prompt = (HEAD + "<|vision_start|>" + "<|video_pad|>" * 10 + "<|vision_end|> a red circle.\n<|vision_start|>"
@@ -63,8 +54,8 @@ def test_token_ids_equal_transformers_tokenizer_on_expanded_prompt(tokenizers_pa
     assert got.input_ids[-1] == ours.pad_id  # every prompt ends with <|endoftext|>
 
 
-def test_truncation_cuts_text_only(tokenizers_pair):
-    ours, _ = tokenizers_pair
+def test_truncation_cuts_text_only(tokenizer):
+    ours = tokenizer
     long_text = "<|IMAGE|> " + "the quick brown fox jumps over the lazy dog " * 20
     full = ours.encode(long_text, [4], ["image"])
     cut = ours.encode(long_text, [4], ["image"], max_text_tokens=12)
@@ -78,7 +69,7 @@ def test_truncation_cuts_text_only(tokenizers_pair):
     assert len(full.input_ids) - len(cut.input_ids) >= len(text_ids) - 12 - 2
 
 
-def test_mismatched_tokenizer_is_rejected(tokenizers_pair):
-    ours, _ = tokenizers_pair
+def test_mismatched_tokenizer_is_rejected(tokenizer):
+    ours = tokenizer
     with pytest.raises(ValueError, match="tokenizer and model do not match"):
         ours.check_model_ids(151655, 151656)

@@ -8,22 +8,20 @@ import pytest
 
 # tensorflow-datasets is an optional extra of the library, but the test extra requires it: no skip here
 import tensorflow_datasets as tfds
+from helpers import PROMPT_HEAD as HEAD
+from helpers import prompt_tail as tail
 from PIL import Image
-from transformers import AutoTokenizer
 
 from unite_jax.data import media
 from unite_jax.data.pipeline import BatchSpec, DataError, build_train_iterator, default_data_config
 from unite_jax.data.tfds_source import TfdsSource, parse_tfds_entry
-from unite_jax.data.tokenize import PromptTokenizer
 from unite_jax.model.pixels import normalize_stream
 
+pytestmark = pytest.mark.slow  # prepares a tensorflow-datasets dataset
+
 PROC = media.ProcessorConfig(min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28)
-HEAD = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 NUM_EXAMPLES = 6
 
-
-def tail(modalities):
-    return f"\nSummary above {modalities} in one word:<|im_end|>\n<|im_start|>assistant\n<|endoftext|>"
 
 
 def _pixels(i):
@@ -72,11 +70,6 @@ def prepared(tmp_path_factory):
     return str(data_dir), str(media_root), [records[i] for i in range(len(records))]
 
 
-@pytest.fixture(scope="module")
-def tokenizers(tiny_tokenizer_dir):
-    return PromptTokenizer.from_pretrained(tiny_tokenizer_dir), AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-
-
 def _batches(prepared, tokenizer, fields, count=1, rows=NUM_EXAMPLES, **overrides):
     data_dir, media_root, _ = prepared
     cfg = default_data_config()
@@ -103,8 +96,8 @@ def _record_index(where):
     return int(where[len("tfds:unite_tiny_pairs:train["):-1])
 
 
-def test_pixels_and_hard_negatives(prepared, tokenizers):
-    tokenizer, hf = tokenizers
+def test_pixels_and_hard_negatives(prepared, tokenizer, hf_tokenizer):
+    hf = hf_tokenizer
     records = prepared[2]
     (batch,) = _batches(prepared, tokenizer, {"query_text": "question", "candidate_image": "pixels",
                                               "negative_text": "hard"}, hard_negatives=True)
@@ -127,8 +120,8 @@ def test_pixels_and_hard_negatives(prepared, tokenizers):
     assert "tensorflow" not in sys.modules  # ArrayRecord reading needs no TensorFlow
 
 
-def test_paths_target_modal_and_encoded_bytes(prepared, tokenizers):
-    tokenizer, hf = tokenizers
+def test_paths_target_modal_and_encoded_bytes(prepared, tokenizer, hf_tokenizer):
+    hf = hf_tokenizer
     _, media_root, records = prepared
     (batch,) = _batches(prepared, tokenizer, {"query_text": "question", "query_image": "photo",
                                               "candidate_text": "caption", "target_modal": "modal"})
@@ -150,8 +143,7 @@ def test_paths_target_modal_and_encoded_bytes(prepared, tokenizers):
         np.testing.assert_array_equal(_patches(batch.arrays, "candidate")[0, 0, 64 * row:64 * (row + 1)], decoded)
 
 
-def test_process_shards(prepared, tokenizers):
-    tokenizer, _ = tokenizers
+def test_process_shards(prepared, tokenizer):
     seen = []
     for process in range(2):
         data_dir = prepared[0]

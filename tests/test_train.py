@@ -12,10 +12,12 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import assert_trees_close, config_flags, tiny_config, write_manifest
 
-from tests.train_fixtures import config_flags, tiny_config, write_manifest
 from unite_jax.convert.orbax_model import load_model_dir
 from unite_jax.train.loop import TrainingError, train
+
+pytestmark = pytest.mark.slow  # end-to-end trainer runs
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -37,15 +39,6 @@ def train_losses(workdir: str) -> list[tuple[int, float]]:
 def final_params(workdir: str) -> dict:
     params, _, _ = load_model_dir(os.path.join(workdir, "model"))
     return jax.tree.map(np.asarray, params)
-
-
-def assert_trees_close(a, b, atol, rtol=0.0):
-    flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
-    flat_b = dict(jax.tree_util.tree_flatten_with_path(b)[0])
-    assert len(flat_a) == len(flat_b)
-    for path, x in flat_a:
-        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(flat_b[path], np.float32), atol=atol,
-                                   rtol=rtol, err_msg=jax.tree_util.keystr(path))
 
 
 def test_stage1_learns_and_stage2_starts_from_it(manifest, tmp_path):

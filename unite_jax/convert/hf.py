@@ -156,7 +156,8 @@ def load_hf(model_dir: str, dtype: Any = "float32") -> tuple[ModelConfig, Params
 def load_hf_params(model_dir: str, cfg: ModelConfig, dtype: Any = "float32") -> Params:
     """The parameter tree (numpy, layout of `unite_jax.model.params`) of a HF checkpoint directory.
 
-    Every tensor is cast to `dtype` ("bfloat16" gives `ml_dtypes.bfloat16` leaves) as it is copied in. The checkpoint is checked
+    Every tensor is cast to `dtype` ("bfloat16" gives `ml_dtypes.bfloat16` leaves) as it is copied
+    in. The checkpoint is checked
     against the config from its headers before any data is read: missing
     tensors, wrong shapes and unexpected extra tensors are errors. `lm_head` is
     loaded only for untied embeddings; a tied checkpoint may still carry

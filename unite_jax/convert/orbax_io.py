@@ -76,7 +76,8 @@ def stored_leaves(directory: str) -> dict[tuple[str, ...], tuple[tuple[int, ...]
     leaves = flatten_tree(tree) if isinstance(tree, Mapping) else {}
     if not leaves or not all(hasattr(m, "shape") and hasattr(m, "dtype") for m in leaves.values()):
         raise ModelDirError(f"{directory}: not a complete Orbax checkpoint (no array metadata; expected the files "
-                            f"Orbax writes, e.g. _METADATA and manifest.ocdbt); it holds {directory_listing(directory)}")
+                            "Orbax writes, e.g. _METADATA and manifest.ocdbt); it holds "
+                            f"{directory_listing(directory)}")
     return {path: (tuple(int(d) for d in m.shape), np.dtype(m.dtype)) for path, m in leaves.items()}
 
 

@@ -238,7 +238,7 @@ def pack_batch(items: list[PackableInput], *, num_shards: int, rows_per_shard: i
             position_ids[row, :, offset:] = mrope_positions(item, merge_size)
         elif position_mode != "sequential":
             raise ValueError(f"unknown position mode {position_mode!r}")
-        for media_patches, grid, (start, length) in zip(item.patches, item.grids, item.vision_runs):
+        for media_patches, grid, (_, length) in zip(item.patches, item.grids, item.vision_runs):
             t, h, w = grid
             count = media_patches.shape[0]
             if count != t * h * w or count != length * merge_unit:
@@ -256,7 +256,8 @@ def pack_batch(items: list[PackableInput], *, num_shards: int, rows_per_shard: i
             segment_ids[shard, lo:lo + size] = segment
             patch_positions[shard, lo:lo + size] = vision_rope_positions((1, h, w), merge_size)
             start, _ = item.vision_runs[k]
-            first_token = (row % rows_per_shard) * seq_len + (seq_len - item.num_tokens) + start + ti * size // merge_unit
+            row_start = (row % rows_per_shard) * seq_len + (seq_len - item.num_tokens)  # where the row's input begins
+            first_token = row_start + start + ti * size // merge_unit
             merged_dest[shard, lo // merge_unit:(lo + size) // merge_unit] = first_token + np.arange(size // merge_unit)
 
     # Rows that only pad the batch hold a lone <|endoftext|> so their forward stays well defined.

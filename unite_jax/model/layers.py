@@ -112,5 +112,5 @@ def scan_layers(body, carry, stacked_params, *, remat: str, use_scan: bool = Tru
         return carry
     num_layers = jax.tree.leaves(stacked_params)[0].shape[0]
     for i in range(num_layers):
-        carry = body(carry, jax.tree.map(lambda a: a[i], stacked_params))
+        carry = body(carry, jax.tree.map(lambda a, i=i: a[i], stacked_params))
     return carry

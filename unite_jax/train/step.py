@@ -62,6 +62,15 @@ def _stream(batch: dict, name: str) -> dict:
     return {key: batch[name][key] for key in BATCH_KEYS}
 
 
+def _sides(batch: dict, has_negatives: bool) -> tuple[dict, dict]:
+    """The query and candidate sub-batches of embed_fn: {"main": stream} (+ "negative" on the candidate side)."""
+    query = {"main": _stream(batch, "query")}
+    candidate = {"main": _stream(batch, "candidate")}
+    if has_negatives:
+        candidate["negative"] = _stream(batch, "negative")
+    return query, candidate
+
+
 def make_loss_fn(batch: dict, settings: LossSettings, has_negatives: bool) -> Callable:
     """loss_fn(query_embeddings [C*R, D], candidate_embeddings) -> (loss, metrics) for this batch.
 
@@ -135,10 +144,7 @@ def loss_and_grads_single(trainable: dict, embed_fn: Callable, batch: dict, drop
                           has_negatives: bool) -> tuple[jnp.ndarray, dict, dict]:
     """(loss, metrics, grads) of a batch with one chunk, in one forward and backward pass."""
     loss_fn = make_loss_fn(batch, settings, has_negatives)
-    query = {"main": _stream(batch, "query")}
-    candidate = {"main": _stream(batch, "candidate")}
-    if has_negatives:
-        candidate["negative"] = _stream(batch, "negative")
+    query, candidate = _sides(batch, has_negatives)
     query_key = candidate_key = None
     if dropout is not None:
         query_key, candidate_key = jax.random.fold_in(dropout, 0), jax.random.fold_in(dropout, 1)
@@ -163,10 +169,7 @@ def loss_and_grads(trainable: dict, frozen: dict, batch: dict, rng, *, cfg: Mode
     num_chunks = batch["candidate_modality"].shape[0]
     embed_fn = make_embed_fn(frozen, cfg, run, pixel_table)
     loss_fn = make_loss_fn(batch, settings, has_negatives)
-    query = {"main": _stream(batch, "query")}
-    candidate = {"main": _stream(batch, "candidate")}
-    if has_negatives:
-        candidate["negative"] = _stream(batch, "negative")
+    query, candidate = _sides(batch, has_negatives)
     dropout = rng if run.lora is not None and run.lora.dropout > 0 else None
     if num_chunks > 1 and accumulate:
         return _accumulated(trainable, embed_fn, batch, dropout, settings=settings, has_negatives=has_negatives)
