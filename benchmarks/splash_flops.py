@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from unite_jax.model.attention import attention  # noqa: E402
 from unite_jax.model.sharding import activation_mesh  # noqa: E402
-from unite_jax.model.splash import BLOCK, _LARGE_BLOCKS  # noqa: E402
+from unite_jax.model.splash import _LARGE_BLOCKS, BLOCK  # noqa: E402
 
 
 def kernel_flops(seq: int, heads: int, dim: int) -> tuple[float, float]:

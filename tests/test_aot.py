@@ -18,7 +18,6 @@ import pytest
 from unite_jax import parallel
 from unite_jax.train import aot
 
-
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 from unite_jax.configs import stage1  # noqa: E402
 

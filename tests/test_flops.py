@@ -9,8 +9,8 @@ import jax
 from unite_jax.data.batch_shapes import batch_shapes
 from unite_jax.data.spec import BatchSpec
 from unite_jax.model.config import TextConfig, VisionConfig, preset
-from unite_jax.model.options import RunOptions
 from unite_jax.model.embedder import embed
+from unite_jax.model.options import RunOptions
 from unite_jax.model.params import abstract_params
 from unite_jax.train.flops import forward_flops
 

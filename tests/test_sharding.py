@@ -15,11 +15,10 @@ import jax
 import pytest
 
 from unite_jax import parallel
+from unite_jax.configs import stage1
 from unite_jax.model import sharding as sharding_lib
 from unite_jax.train import aot, jitted
 from unite_jax.train.optim import make_optimizer
-
-from unite_jax.configs import stage1
 
 GLOBAL_BATCH, SEQ, PATCHES = 40, 128, 64
 

@@ -9,7 +9,6 @@ from unite_jax.model.options import LoraOptions
 from unite_jax.model.sharding import constrain_batch
 
 
-
 def linear(x: jnp.ndarray, p: dict, dtype, *, lora: LoraOptions | None = None, rng=None) -> jnp.ndarray:
     """x [..., in] @ kernel [in, out] (+ bias), matmul in `dtype`; plus the LoRA branch when `lora` is on.
 
