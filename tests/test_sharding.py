@@ -104,7 +104,7 @@ def test_full_finetuning_optimizer_state_is_an_eighth_per_device():
     cfg = _mid_model(preset("tiny"), layers=4)
     mesh = parallel.make_mesh((1, 8, 1))
     params = init_params(cfg, seed=0)
-    trainable = parallel.shard_tree(params, parallel.param_shardings(params, mesh))
+    trainable = parallel.place_tree(params, parallel.param_shardings(params, mesh))
     tx, _ = make_optimizer(1e-4, 10)
     shardings = jitted.state_shardings(tx, trainable, mesh)
     state = jitted.jit_create_state(tx, 0, shardings)(trainable)
