@@ -21,7 +21,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from unite_jax.cli.train import _resolve_config_flags  # noqa: E402
+from unite_jax.cli.common import resolve_config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "configs/stage1.py|stage2.py[:PRESET], or stage1|stage2[:PRESET]",
                                 lock_config=True)
@@ -67,7 +67,7 @@ def _run(argv) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The command line (argv defaults to sys.argv; argv[0] is the program name)."""
-    app.run(_run, argv=_resolve_config_flags(sys.argv if argv is None else argv))
+    app.run(_run, argv=resolve_config_flags(sys.argv if argv is None else argv))
 
 
 if __name__ == "__main__":
