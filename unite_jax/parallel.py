@@ -57,8 +57,10 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from unite_jax.model.sharding import BATCH_AXES, TENSOR_AXIS
+
+# The batch axes ("data", "fsdp") are named where the model pins activations to them (model/sharding.py).
+MESH_AXES = (*BATCH_AXES, TENSOR_AXIS)
 
 # Column-parallel linears: output features split over `tensor` (attention heads, MLP width).
 _COLUMN_PARALLEL = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|attn/qkv|mlp/fc1|merger/mlp/0)"
