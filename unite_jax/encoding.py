@@ -27,6 +27,7 @@ from unite_jax.data.tokenize import PromptTokenizer
 from unite_jax.model.config import ModelConfig
 from unite_jax.model.embedder import embed
 from unite_jax.model.options import RunOptions
+from unite_jax.model.sharding import traced_on
 from unite_jax.progress import Progress
 
 
@@ -46,8 +47,10 @@ class MeshEncoder:
         self.num_workers = num_workers or min(8, os.cpu_count() or 1)
         self.num_shards = math.prod(mesh.shape[a] for a in batch_axes)
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(tuple(batch_axes)))
-        # cfg and run are static: each vision tile size the packer picks compiles once
-        self._forward = jax.jit(embed, static_argnames=("cfg", "run"), out_shardings=self.batch_sharding)
+        # cfg and run are static: each vision tile size the packer picks compiles once. Traced on the mesh:
+        # activations stay on its batch axes, and splash attention runs under shard_map (model/sharding.py).
+        self._forward = jax.jit(traced_on(mesh, embed), static_argnames=("cfg", "run"),
+                                out_shardings=self.batch_sharding)
 
     def prepare(self, item: dict, index: int = 0) -> PackableInput:
         """Validates one item, pre-processes its media and tokenises its prompt (host side)."""

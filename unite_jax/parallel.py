@@ -57,8 +57,10 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from unite_jax.model.sharding import BATCH_AXES, TENSOR_AXIS
+
+# The batch axes ("data", "fsdp") are named where the model pins activations to them (model/sharding.py).
+MESH_AXES = (*BATCH_AXES, TENSOR_AXIS)
 
 # Column-parallel linears: output features split over `tensor` (attention heads, MLP width).
 _COLUMN_PARALLEL = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|attn/qkv|mlp/fc1|merger/mlp/0)"
@@ -132,12 +134,14 @@ def make_mesh(shape: Sequence[int], devices: Optional[Sequence[Any]] = None) -> 
 def _topology_grid(shape: tuple[int, int, int], devices: list) -> Optional[np.ndarray]:
     """JAX's topology-aware device array of `shape`, or None when JAX cannot lay it out."""
     slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+    if len(slices) > 1 and shape[0] % len(slices):
+        raise ValueError(f"mesh shape {shape}: the devices span {len(slices)} TPU slices, which lie on the 'data' "
+                         f"axis (the data-center network between slices is the slowest link); set mesh.shape's data "
+                         f"entry to a multiple of {len(slices)}, e.g. --config.mesh.shape=({len(slices)},-1,1)")
     try:
         if len(slices) > 1:
             # Several TPU slices talk over the data-center network: put the slices on `data`
             # (the axis with the least traffic: one gradient reduction per step).
-            if shape[0] % len(slices):
-                return None
             per_slice = (shape[0] // len(slices), shape[1], shape[2])
             return np.asarray(mesh_utils.create_hybrid_device_mesh(per_slice, (len(slices), 1, 1), devices))
         mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)

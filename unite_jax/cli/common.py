@@ -1,5 +1,6 @@
-"""What the encode and eval programs share: model flags, a lazily loaded Embedder, and one-line
-errors (exit code 2) instead of tracebacks for mistakes in the inputs."""
+"""What the programs share: model flags, a lazily loaded Embedder, and one-line errors (exit code 2)
+instead of tracebacks for mistakes in the inputs (encode, eval); the packaged-config lookup of --config
+(train, aot)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+
+import unite_jax.configs
 
 USAGE_ERROR = 2
 # Mistakes a user can fix (a bad path, a malformed line, a mismatched tokenizer, a missing
@@ -78,3 +81,34 @@ def lazy_encode_fn(args: argparse.Namespace) -> Callable[[list], object]:
         return state["embedder"].encode(items, batch_size=args.batch_size)
 
     return encode_fn
+
+
+PACKAGED_CONFIGS = os.path.dirname(os.path.abspath(unite_jax.configs.__file__))
+
+
+def resolve_config(value: str) -> str:
+    """A --config value with its file replaced by the packaged config of that name when the file is absent.
+
+    `stage1:tiny`, `stage1.py` and `configs/stage1.py:tiny` (from any directory without that file) name
+    unite_jax/configs/stage1.py; an existing file is used as given.
+    """
+    path, colon, preset = value.partition(":")
+    if os.path.exists(path):
+        return value
+    name = os.path.basename(path)
+    name = name[:-3] if name.endswith(".py") else name
+    packaged = os.path.join(PACKAGED_CONFIGS, f"{name}.py")
+    if name.isidentifier() and not name.startswith("_") and os.path.isfile(packaged):
+        return packaged + colon + preset
+    return value
+
+
+def resolve_config_flags(argv: Sequence[str]) -> list[str]:
+    """argv with every --config value (`--config=X` or `--config X`) passed through `resolve_config`."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            out[i] = "--config=" + resolve_config(arg[len("--config="):])
+        elif arg == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+    return out

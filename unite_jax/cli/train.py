@@ -18,44 +18,13 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-import unite_jax.configs
+from unite_jax.cli.common import resolve_config_flags
 
 config_flags.DEFINE_config_file("config", None, "configs/stage1.py|stage2.py[:PRESET], or stage1|stage2[:PRESET]",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None,
                     "run directory (a local or shared mounted path): checkpoints, metrics, final model")
 flags.mark_flags_as_required(["config", "workdir"])
-
-PACKAGED_CONFIGS = os.path.dirname(os.path.abspath(unite_jax.configs.__file__))
-
-
-def resolve_config(value: str) -> str:
-    """A --config value with its file replaced by the packaged config of that name when the file is absent.
-
-    `stage1:tiny`, `stage1.py` and `configs/stage1.py:tiny` (from any directory without that file) name
-    unite_jax/configs/stage1.py; an existing file is used as given.
-    """
-    path, colon, preset = value.partition(":")
-    if os.path.exists(path):
-        return value
-    name = os.path.basename(path)
-    name = name[:-3] if name.endswith(".py") else name
-    packaged = os.path.join(PACKAGED_CONFIGS, f"{name}.py")
-    if name.isidentifier() and not name.startswith("_") and os.path.isfile(packaged):
-        return packaged + colon + preset
-    return value
-
-
-def _resolve_config_flags(argv: Sequence[str]) -> list[str]:
-    """argv with every --config value (`--config=X` or `--config X`) passed through `resolve_config`."""
-    out = list(argv)
-    for i, arg in enumerate(out):
-        if arg.startswith("--config="):
-            out[i] = "--config=" + resolve_config(arg[len("--config="):])
-        elif arg == "--config" and i + 1 < len(out):
-            out[i + 1] = resolve_config(out[i + 1])
-    return out
-
 
 def _run(argv) -> None:
     del argv
@@ -74,7 +43,7 @@ def _run(argv) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The command line (argv defaults to sys.argv; argv[0] is the program name)."""
-    app.run(_run, argv=_resolve_config_flags(sys.argv if argv is None else argv))
+    app.run(_run, argv=resolve_config_flags(sys.argv if argv is None else argv))
 
 
 if __name__ == "__main__":

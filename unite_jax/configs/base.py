@@ -23,7 +23,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         init="", preset=preset, tokenizer="", init_std=0.02,
         dtype="bfloat16", compute_dtype="bfloat16", remat="full", positions="sequential",
-        attention_impl="",  # "" = cudnn on GPU in bf16, xla elsewhere
+        attention_impl="",  # "" = splash kernels on TPU, cudnn on GPU in bf16, xla elsewhere
         scan_layers=True,
     ))
 

@@ -3,8 +3,13 @@
 - `xla`: plain einsum + float32 softmax. Runs everywhere; the reference of the tests.
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, the fused
   GPU kernel (needs bf16/fp16 inputs).
+- `splash`: JAX's Pallas splash kernels on TPU (model/splash.py), under
+  `shard_map` over the mesh; Pallas interpret mode elsewhere (tests).
 
-Masks are boolean, True = may attend. Grouped-query attention is handled by
+`attention` is the one entry point of the model: segment ids say which tokens
+attend to each other (int32, -1 = padding, which attends only to padding);
+text is causal within a segment, vision block-diagonal inside tiles. Masks
+below are boolean, True = may attend. Grouped-query attention is handled by
 grouping query heads over the shared key/value heads, never by copying K/V.
 """
 
@@ -18,6 +23,38 @@ _MASKED = -1e30  # finite: a fully masked row gives a uniform softmax instead of
 # backward pass, so the XLA path never holds more than [heads, QUERY_CHUNK, kv_len] scores at once.
 QUERY_CHUNK_THRESHOLD = 2048
 QUERY_CHUNK = 1024
+
+
+def attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray, segment_ids: jnp.ndarray, *,
+              causal: bool, impl: str = "xla", block: int | None = None) -> jnp.ndarray:
+    """Self-attention within segments.
+
+    query: [batch, seq, heads, head_dim]; key, value: [batch, seq, kv_heads, head_dim]
+    segment_ids: int32 [batch, seq]; equal ids attend to each other, -1 = padding.
+    causal: a token sees only earlier positions of its segment (text).
+    block: tiles of `block` tokens that no segment straddles (vision); attention is computed tile by
+        tile, O(seq * block). None = one tile per row.
+    Returns [batch, seq, heads, head_dim] in the query's dtype.
+    """
+    if impl == "splash":
+        from unite_jax.model.splash import splash_attention
+
+        return splash_attention(query, key, value, segment_ids, causal=causal, block=block)
+    if block is not None and block != query.shape[1]:
+        return blocked_segment_attention(query, key, value, segment_ids, block=block, impl=impl, causal=causal)
+    mask = segment_mask(segment_ids)
+    if causal:
+        seq = segment_ids.shape[-1]
+        mask = mask & jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None]
+    return dot_product_attention(query, key, value, mask, impl=impl)
+
+
+def padding_segment_ids(attention_mask: jnp.ndarray) -> jnp.ndarray:
+    """int32 [batch, seq] segment ids of rows holding one input: 0 = token, -1 = (left) padding.
+
+    attention_mask: [batch, seq] (1 = token, 0 = padding).
+    """
+    return jnp.where(attention_mask.astype(bool), 0, -1).astype(jnp.int32)
 
 
 def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray, mask: jnp.ndarray | None,
@@ -72,6 +109,7 @@ def _xla_attention(query, key, value, mask):
     out = jnp.matmul(weights, v, preferred_element_type=jnp.float32).reshape(batch, kv_heads, groups, q_len, head_dim)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim).astype(query.dtype)
 
+
 def causal_padding_mask(attention_mask: jnp.ndarray) -> jnp.ndarray:
     """[batch, 1, seq, seq] bool: causal, and keys restricted to real (non-pad) tokens.
 
@@ -91,9 +129,8 @@ def segment_mask(segment_ids: jnp.ndarray) -> jnp.ndarray:
     return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
-
 def blocked_segment_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray, segment_ids: jnp.ndarray,
-                              *, block: int, impl: str = "xla") -> jnp.ndarray:
+                              *, block: int, impl: str = "xla", causal: bool = False) -> jnp.ndarray:
     """Block-diagonal attention over a packed row whose segments never straddle a block.
 
     The packer places every (media, temporal slice) inside one block of `block`
@@ -107,5 +144,8 @@ def blocked_segment_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.n
         raise ValueError(f"packed row of {n} patches is not a whole number of {block}-patch blocks")
     tiles = batch * (n // block)
     tile = lambda x: x.reshape(tiles, block, *x.shape[2:])
-    out = dot_product_attention(tile(query), tile(key), tile(value), segment_mask(tile(segment_ids)), impl=impl)
+    mask = segment_mask(tile(segment_ids))
+    if causal:
+        mask = mask & jnp.tril(jnp.ones((block, block), dtype=bool))[None, None]
+    out = dot_product_attention(tile(query), tile(key), tile(value), mask, impl=impl)
     return out.reshape(batch, n, heads, head_dim)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from unite_jax.model.config import ModelConfig
 from unite_jax.model.options import RunOptions
+from unite_jax.model.sharding import constrain_batch
 from unite_jax.model.text import text_model
 from unite_jax.model.vision import vision_tower
 
@@ -33,7 +34,7 @@ def input_embeddings(params: dict, batch: dict, cfg: ModelConfig, run: RunOption
     input_ids = batch["input_ids"]
     num_rows, seq = input_ids.shape
     shards = batch["patches"].shape[0]
-    embeds = jnp.take(params["model"]["embed_tokens"]["embedding"], input_ids, axis=0).astype(dtype)
+    embeds = constrain_batch(jnp.take(params["model"]["embed_tokens"]["embedding"], input_ids, axis=0).astype(dtype))
     if batch["patches"].shape[1] == 0:  # a text-only stream (data.<stream>_patches_per_row=0)
         return embeds
     visual = vision_tower(params["visual"], batch["patches"], batch["patch_segment_ids"],
@@ -41,8 +42,8 @@ def input_embeddings(params: dict, batch: dict, cfg: ModelConfig, run: RunOption
     hidden = embeds.shape[-1]
     slots = embeds.reshape(shards, (num_rows // shards) * seq, hidden)
     slots = jnp.concatenate([slots, jnp.zeros((shards, 1, hidden), dtype)], axis=1)  # + dump slot
-    slots = jax.vmap(lambda s, dest, vis: s.at[dest].set(vis))(slots, batch["merged_dest"], visual)
-    return slots[:, :-1].reshape(num_rows, seq, hidden)
+    slots = constrain_batch(jax.vmap(lambda s, dest, vis: s.at[dest].set(vis))(slots, batch["merged_dest"], visual))
+    return constrain_batch(slots[:, :-1].reshape(num_rows, seq, hidden))
 
 
 def embed(params: dict, batch: dict, cfg: ModelConfig, run: RunOptions, rng=None) -> jnp.ndarray:

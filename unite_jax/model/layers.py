@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from unite_jax.model.options import LoraOptions
+from unite_jax.model.sharding import constrain_batch
 
 
 def linear(x: jnp.ndarray, p: dict, dtype, *, lora: LoraOptions | None = None, rng=None) -> jnp.ndarray:
@@ -25,9 +26,11 @@ def linear(x: jnp.ndarray, p: dict, dtype, *, lora: LoraOptions | None = None, r
     1 - lora.dropout, x.shape), dropout(x) = where(keep, x / (1 - lora.dropout), 0).
     LoRA leaves without `lora` are an error: they would silently train nothing.
     """
-    x2 = x.astype(dtype).reshape(-1, x.shape[-1])
+    # Rows stay split over the mesh's batch axes, in the forward and (through the constraint's transpose)
+    # the backward pass: under FSDP the kernel is gathered, never the rows (a no-op without a mesh).
+    x2 = constrain_batch(x.astype(dtype).reshape(-1, x.shape[-1]))
     kernel = p["kernel"].astype(dtype)
-    y = jnp.matmul(x2, kernel)
+    y = constrain_batch(jnp.matmul(x2, kernel))
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
     if "lora_a" in p or "lora_b" in p:

@@ -18,7 +18,7 @@ import math
 from typing import Any
 
 POSITION_MODES = ("sequential", "mrope")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -50,7 +50,8 @@ class RunOptions:
         writes the position ids, the model reads them.
     compute_dtype: matmul inputs; norms, softmax, rotary and the final embedding stay float32.
     param_dtype: the dtype parameters are loaded, initialised and exported in.
-    attention_impl: "xla" (everywhere) or "cudnn" (GPU, bf16/fp16).
+    attention_impl: "xla" (everywhere), "cudnn" (GPU, bf16/fp16) or "splash" (TPU Pallas kernels; Pallas
+        interpret mode elsewhere, for tests).
     remat: per-layer rematerialisation policy ("none", "full", "dots", "dots_no_batch").
     scan_layers: run the stacked layers under `jax.lax.scan` (False: an unrolled loop, for debugging).
     vision_block: the vision attention tile in patches: the packer keeps every (media, temporal slice)
@@ -88,5 +89,8 @@ def default_dtype(platform: str) -> str:
 
 
 def default_attention(platform: str, compute_dtype: str) -> str:
-    """cuDNN's fused kernel on GPU in a 16-bit dtype (it needs one), the XLA reference everywhere else."""
+    """The splash kernels on TPU, cuDNN's fused kernel on GPU in a 16-bit dtype (it needs one), the XLA
+    reference everywhere else."""
+    if platform == "tpu":
+        return "splash"
     return "cudnn" if platform == "gpu" and compute_dtype != "float32" else "xla"

@@ -12,17 +12,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from unite_jax.model.attention import causal_padding_mask, dot_product_attention
+from unite_jax.model.attention import attention, padding_segment_ids
 from unite_jax.model.config import ModelConfig
 from unite_jax.model.layers import linear, rms_norm, scan_layers
 from unite_jax.model.lora import LORA_TARGETS
 from unite_jax.model.options import RunOptions
 from unite_jax.model.rope import apply_rope, text_rope
+from unite_jax.model.sharding import constrain_batch
 
 
-def decoder_layer(x: jnp.ndarray, p: dict, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray,
+def decoder_layer(x: jnp.ndarray, p: dict, cos: jnp.ndarray, sin: jnp.ndarray, segment_ids: jnp.ndarray,
                   cfg: ModelConfig, run: RunOptions, rng=None) -> jnp.ndarray:
-    """One pre-norm decoder layer. x: [batch, seq, hidden]; rng: this layer's LoRA-dropout key or None."""
+    """One pre-norm decoder layer. x: [batch, seq, hidden]; segment_ids: [batch, seq] (-1 = padding);
+    rng: this layer's LoRA-dropout key or None."""
     t = cfg.text
     dtype = x.dtype
     b, s, _ = x.shape
@@ -38,7 +40,8 @@ def decoder_layer(x: jnp.ndarray, p: dict, cos: jnp.ndarray, sin: jnp.ndarray, m
     k = proj(h, a, "k_proj").reshape(b, s, t.num_kv_heads, t.head_dim)
     v = proj(h, a, "v_proj").reshape(b, s, t.num_kv_heads, t.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    attn = dot_product_attention(q, k, v, mask, impl=run.attention_impl).reshape(b, s, t.num_heads * t.head_dim)
+    attn = attention(q, k, v, segment_ids, causal=True, impl=run.attention_impl)
+    attn = attn.reshape(b, s, t.num_heads * t.head_dim)
     x = x + proj(attn, a, "o_proj")
     h = rms_norm(x, p["post_attention_layernorm"]["weight"], t.rms_norm_eps)
     m = p["mlp"]
@@ -59,14 +62,17 @@ def text_model(params: dict, inputs_embeds: jnp.ndarray, attention_mask: jnp.nda
     t = cfg.text
     x = inputs_embeds.astype(jnp.dtype(run.compute_dtype))
     cos, sin = text_rope(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
-    mask = causal_padding_mask(attention_mask)
+    segment_ids = padding_segment_ids(attention_mask)
     # One key per layer, scanned together with the stacked layer params (None scans as an empty tree).
     num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
     layer_keys = None if rng is None else jax.random.split(rng, num_layers)
 
     def body(carry, layer):
         layer_params, layer_key = layer
-        return decoder_layer(carry, layer_params, cos, sin, mask, cfg, run, rng=layer_key)
+        # the carry stays split over the batch axes (model/sharding.py): FSDP gathers weights, not rows
+        out = decoder_layer(constrain_batch(carry), layer_params, cos, sin, segment_ids, cfg, run, rng=layer_key)
+        return constrain_batch(out)
 
-    x = scan_layers(body, x, (params["layers"], layer_keys), remat=run.remat, use_scan=run.scan_layers)
+    x = scan_layers(body, constrain_batch(x), (params["layers"], layer_keys), remat=run.remat,
+                    use_scan=run.scan_layers)
     return rms_norm(x, params["norm"]["weight"], t.rms_norm_eps)

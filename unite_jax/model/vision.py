@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from unite_jax.model.attention import blocked_segment_attention
+from unite_jax.model.attention import attention
 from unite_jax.model.config import ModelConfig
 from unite_jax.model.layers import activation, layer_norm, linear, scan_layers
 from unite_jax.model.options import RunOptions
 from unite_jax.model.rope import apply_rope, vision_rope
+from unite_jax.model.sharding import constrain_batch
 
 
 def vision_block(x: jnp.ndarray, p: dict, cos: jnp.ndarray, sin: jnp.ndarray, segment_ids: jnp.ndarray,
@@ -27,7 +28,7 @@ def vision_block(x: jnp.ndarray, p: dict, cos: jnp.ndarray, sin: jnp.ndarray, se
     qkv = linear(h, p["attn"]["qkv"], dtype).reshape(rows, n, 3, v.num_heads, v.head_dim)
     q, k, val = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    attn = blocked_segment_attention(q, k, val, segment_ids, block=run.vision_block or n, impl=run.attention_impl)
+    attn = attention(q, k, val, segment_ids, causal=False, impl=run.attention_impl, block=run.vision_block or n)
     attn = attn.reshape(rows, n, v.embed_dim)
     x = x + linear(attn, p["attn"]["proj"], dtype)
     h = layer_norm(x, p["norm2"], v.layer_norm_eps)
@@ -67,7 +68,8 @@ def vision_tower(params: dict, patches: jnp.ndarray, segment_ids: jnp.ndarray, p
     cos, sin = vision_rope(patch_positions, v.head_dim, v.rope_theta)
 
     def body(carry, layer_params):
-        return vision_block(carry, layer_params, cos, sin, segment_ids, cfg, run)
+        # rows (one per data shard) stay split over the batch axes (model/sharding.py)
+        return constrain_batch(vision_block(constrain_batch(carry), layer_params, cos, sin, segment_ids, cfg, run))
 
-    x = scan_layers(body, x, params["blocks"], remat=run.remat, use_scan=run.scan_layers)
-    return patch_merger(x, params["merger"], cfg)
+    x = scan_layers(body, constrain_batch(x), params["blocks"], remat=run.remat, use_scan=run.scan_layers)
+    return constrain_batch(patch_merger(x, params["merger"], cfg))

@@ -36,12 +36,11 @@ from unite_jax.model.config import ModelConfig
 from unite_jax.model.options import LoraOptions, RunOptions, default_attention
 from unite_jax.model.params import abstract_params
 from unite_jax.progress import Progress, console
-from unite_jax.train import model_init
+from unite_jax.train import jitted, model_init
 from unite_jax.train.checkpoint import RunCheckpointer
 from unite_jax.train.metrics_log import MetricsLog, Throughput, console_fields
 from unite_jax.train.optim import make_optimizer
-from unite_jax.train.state import create_state
-from unite_jax.train.step import LossSettings, full_params, train_step
+from unite_jax.train.step import full_params
 
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
@@ -54,9 +53,14 @@ class TrainingError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- configuration helpers
-def run_options(config: ml_collections.ConfigDict) -> RunOptions:
-    """How the stage computes (dtypes, remat, positions, attention, LoRA scale and dropout, the vision tile)."""
-    attention = config.model.attention_impl or default_attention(jax.default_backend(), config.model.compute_dtype)
+def run_options(config: ml_collections.ConfigDict, platform: str | None = None) -> RunOptions:
+    """How the stage computes (dtypes, remat, positions, attention, LoRA scale and dropout, the vision tile).
+
+    platform: where the step will run ("tpu", "gpu", "cpu"); default: JAX's default backend (the AOT
+    checker compiles for a TPU from a CPU host).
+    """
+    platform = platform or jax.default_backend()
+    attention = config.model.attention_impl or default_attention(platform, config.model.compute_dtype)
     rank = config.lora.rank
     lora = LoraOptions(lora_lib.lora_scale(config.lora.alpha, rank), config.lora.dropout) if rank > 0 else None
     # the vision tower attends tile by tile, in the pipeline's static tiles
@@ -188,9 +192,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                   weight_decay=config.train.weight_decay, b1=config.train.adam_b1,
                                   b2=config.train.adam_b2, eps=config.train.adam_eps,
                                   clip_norm=config.train.clip_norm)
-    state = jax.jit(functools.partial(create_state, tx=tx, seed=config.seed))(trainable)
+    state_shardings = jitted.state_shardings(tx, trainable, mesh, config.seed)
+    state = jitted.jit_create_state(tx, config.seed, state_shardings)(trainable)
     del trainable
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
     checkpointer = RunCheckpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.checkpoint.keep,
                                    async_save=config.checkpoint.async_save)
@@ -215,16 +219,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if data_state is not None:
         iterator.set_state(data_state)
 
-    settings = LossSettings(temperature=config.loss.temperature, modality_mask=config.loss.modality_mask,
-                            symmetric=config.loss.symmetric, chunk_size=config.loss.chunk_size,
-                            scale=config.loss.scale)
-    if config.train.chunk_mode not in ("gradcache", "accumulate"):
-        raise ValueError(f"train.chunk_mode must be 'gradcache' or 'accumulate', got {config.train.chunk_mode!r}")
-    step_fn = jax.jit(functools.partial(train_step, cfg=cfg, run=run, settings=settings, tx=tx, schedule=schedule,
-                                        has_negatives=bool(config.data.hard_negatives),
-                                        accumulate=config.train.chunk_mode == "accumulate",
-                                        pixel_table=media.normalize_table(processor)),
-                      donate_argnums=(0,), out_shardings=(state_shardings, None))
+    step_fn = jitted.jit_train_step(config, cfg, run, mesh, tx=tx, schedule=schedule, shardings=state_shardings,
+                                    pixel_table=media.normalize_table(processor))
 
     tasks = eval_tasks(config.eval.files)
     encoder = None
